@@ -1,0 +1,144 @@
+"""Problem batches for the tool agent, with the curriculum that decides which stages they come from."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+from envs.tool_env import NUM_STAGES, all_problems, sample_problems
+
+
+class ProblemStream(IterableDataset):
+    """``batches`` random problem batches, regenerated identically for the same epoch, rank and curriculum."""
+
+    def __init__(self, datamodule: ToolTaskDataModule, batch_size: int, batches: int, rank: int) -> None:
+        self.datamodule, self.batch_size, self.batches, self.rank = datamodule, batch_size, batches, rank
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        dm = self.datamodule
+        # Seeded by epoch and rank: ranks see different problems, and a resumed run sees the same ones.
+        generator = torch.Generator().manual_seed(dm.seed + 1_000_003 * self.rank + 7_919 * dm.epochs_completed)
+        probs = dm.stage_probs()
+        for _ in range(self.batches):
+            digits, stage = sample_problems(self.batch_size, probs, generator)
+            yield digits, stage
+
+
+class ToolTaskDataModule(LightningDataModule):
+    """Arithmetic problems for the tool agent, served by curriculum stage.
+
+    The curriculum's frontier stage moves after each validation of a fit: in ``threshold`` mode when the greedy
+    accuracy on the frontier stage reaches ``advance_threshold``, in ``schedule`` mode as ``schedule`` lists (one
+    entry per epoch). Training batches mix the frontier stage with earlier ones (``replay_fraction``) so that
+    mastered stages are not forgotten. The curriculum is part of this module's state and is saved in checkpoints.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        batches_per_epoch: int = 50,
+        curriculum: Literal["threshold", "schedule"] = "threshold",
+        advance_threshold: float = 0.95,
+        schedule: list[int] | None = None,
+        start_stage: int = 0,
+        replay_fraction: float = 0.5,
+        val_problems_per_stage: int = 1024,
+        eval_batch_size: int = 4096,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            batch_size: Problems per optimisation step, summed over all devices.
+            batches_per_epoch: Optimisation steps per epoch; validation and the curriculum update follow each epoch.
+            curriculum: ``threshold`` (advance on accuracy) or ``schedule`` (advance by epoch).
+            advance_threshold: Greedy accuracy on the frontier stage needed to advance (``threshold`` mode).
+            schedule: Frontier stage of each epoch; the last entry holds afterwards (``schedule`` mode).
+            start_stage: Frontier stage before training (``threshold`` mode).
+            replay_fraction: Share of each batch drawn uniformly from stages before the frontier.
+            val_problems_per_stage: Fixed random validation problems per stage.
+            eval_batch_size: Batch size of validation, test and predict.
+            seed: Seed of the training problem stream (offset by rank and epoch).
+        """
+        super().__init__()
+        if curriculum not in ("threshold", "schedule"):
+            raise ValueError(f"unknown curriculum {curriculum!r}; expected 'threshold' or 'schedule'")
+        if curriculum == "schedule" and not schedule:
+            raise ValueError("curriculum='schedule' needs a non-empty `schedule` of stages")
+        for stage in [start_stage, *(schedule or [])]:
+            if stage not in range(NUM_STAGES):
+                raise ValueError(f"unknown stage {stage}: stages are 0..{NUM_STAGES - 1}")
+        if not 0.0 <= replay_fraction < 1.0:
+            raise ValueError(f"replay_fraction must be in [0, 1), got {replay_fraction}")
+        if not 0.0 < advance_threshold <= 1.0:
+            raise ValueError(f"advance_threshold must be in (0, 1], got {advance_threshold}")
+        if batch_size < 1 or batches_per_epoch < 1 or val_problems_per_stage < 1:
+            raise ValueError("batch_size, batches_per_epoch and val_problems_per_stage must be positive")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.stage = schedule[0] if curriculum == "schedule" else start_stage
+        self.epochs_completed = 0
+
+    # --- curriculum -------------------------------------------------------------------------------------------
+    def stage_probs(self) -> torch.Tensor:
+        """Probability of each stage in a training batch."""
+        probs = torch.zeros(NUM_STAGES)
+        if self.stage == 0:
+            probs[0] = 1.0
+        else:
+            probs[: self.stage] = self.hparams.replay_fraction / self.stage
+            probs[self.stage] = 1.0 - self.hparams.replay_fraction
+        return probs
+
+    def update_curriculum(self, greedy_accuracy: list[float]) -> None:
+        """Called after each validation of a fit with the greedy accuracy of every stage."""
+        self.epochs_completed += 1
+        if self.hparams.curriculum == "schedule":
+            schedule = self.hparams.schedule
+            self.stage = schedule[min(self.epochs_completed, len(schedule) - 1)]
+        elif self.stage < NUM_STAGES - 1 and greedy_accuracy[self.stage] >= self.hparams.advance_threshold:
+            self.stage += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "epochs_completed": self.epochs_completed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.stage = state_dict["stage"]
+        self.epochs_completed = state_dict["epochs_completed"]
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def setup(self, stage: str) -> None:
+        generator = torch.Generator().manual_seed(12_345)  # the same validation problems for every run
+        per_stage = self.hparams.val_problems_per_stage
+        digits = torch.randint(0, 10, (per_stage * NUM_STAGES, 5), generator=generator)
+        stages = torch.arange(NUM_STAGES).repeat_interleave(per_stage)
+        self.val_set = TensorDataset(digits, stages)
+
+    def train_dataloader(self) -> DataLoader:
+        world_size, rank = self._world()
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
+        stream = ProblemStream(self, self.batch_size // world_size, self.hparams.batches_per_epoch, rank)
+        return DataLoader(stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        """Every digit combination of every stage (1,000 + 10,000 + 100,000 problems)."""
+        digits = torch.cat([all_problems(s) for s in range(NUM_STAGES)])
+        stages = torch.cat([torch.full((10 ** (3 + s),), s) for s in range(NUM_STAGES)])
+        return DataLoader(TensorDataset(digits, stages), batch_size=self.hparams.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

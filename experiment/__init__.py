@@ -1,0 +1,1 @@
+"""Launching and recording experiments: the CLI, config saving and the W&B logger."""
