@@ -39,8 +39,18 @@ from torch import Tensor
 NUM_DIGITS = 10
 CTX, MUL, ADD, SUB, ANS, STO, RCL, EOS, PAD = range(10, 19)
 VOCAB_SIZE = 19  # digits, CTX, the seven tool tokens and PAD (input only, never an action)
-TOKEN_NAMES = {**{i: str(i) for i in range(10)}, CTX: "[CTX]", MUL: "MUL", ADD: "ADD", SUB: "SUB", ANS: "ANS",
-               STO: "STO", RCL: "RCL", EOS: "EOS", PAD: "[PAD]"}
+TOKEN_NAMES = {
+    **{i: str(i) for i in range(10)},
+    CTX: "[CTX]",
+    MUL: "MUL",
+    ADD: "ADD",
+    SUB: "SUB",
+    ANS: "ANS",
+    STO: "STO",
+    RCL: "RCL",
+    EOS: "EOS",
+    PAD: "[PAD]",
+}
 TOOL_TOKENS = (MUL, ADD, SUB, ANS, STO, RCL, EOS)
 NUM_STAGES = 3
 STAGE_NUM_DIGITS = (3, 4, 5)
@@ -102,10 +112,16 @@ class ToolEnv:
         zeros = torch.zeros_like(stage)
         false = torch.zeros_like(stage, dtype=torch.bool)
         return ToolEnvState(
-            digits=digits, stage=stage,
+            digits=digits,
+            stage=stage,
             acc=digits[:, 0].clone() if self.semantics == "register" else zeros.clone(),
-            mem=zeros.clone(), cursor=torch.ones_like(stage), has_value=false.clone(),
-            steps=zeros.clone(), done=false.clone(), answered=false.clone(), answer=zeros.clone(),
+            mem=zeros.clone(),
+            cursor=torch.ones_like(stage),
+            has_value=false.clone(),
+            steps=zeros.clone(),
+            done=false.clone(),
+            answered=false.clone(),
+            answer=zeros.clone(),
             correct=false.clone(),
         )
 
@@ -130,7 +146,9 @@ class ToolEnv:
         new_acc = torch.where(reads, new_acc, s.acc)
         new_mem = torch.where(reads & new_term, s.mem + s.acc, s.mem)
         new_acc = torch.where(tokens == STO, torch.zeros_like(s.acc), torch.where(tokens == RCL, s.mem, new_acc))
-        new_mem = torch.where(tokens == STO, s.mem + s.acc, torch.where(tokens == RCL, torch.zeros_like(s.mem), new_mem))
+        new_mem = torch.where(
+            tokens == STO, s.mem + s.acc, torch.where(tokens == RCL, torch.zeros_like(s.mem), new_mem)
+        )
         s.acc = torch.where(active, new_acc, s.acc)
         s.mem = torch.where(active, new_mem, s.mem)
         s.cursor = s.cursor + (active & reads).long()
@@ -170,9 +188,14 @@ class ToolEnv:
         hit = lambda goal: (valid & (value == goal)).float()  # noqa: E731
         checked = torch.where(stage == 0, goal0, torch.where(stage == 1, goal1, goal2))  # the seed's off-by-one
         shaping = torch.where(
-            stage == 0, 0.25 * hit(goal0) + 0.5 * hit(goal1),
-            torch.where(stage == 1, 0.25 * hit(goal0) + 0.5 * hit(goal1) + 0.75 * hit(goal2),
-                        0.2 * hit(goal0) + 0.4 * hit(goal1) + 0.6 * hit(goal4) + 0.6 * hit(goal3)))
+            stage == 0,
+            0.25 * hit(goal0) + 0.5 * hit(goal1),
+            torch.where(
+                stage == 1,
+                0.25 * hit(goal0) + 0.5 * hit(goal1) + 0.75 * hit(goal2),
+                0.2 * hit(goal0) + 0.4 * hit(goal1) + 0.6 * hit(goal4) + 0.6 * hit(goal3),
+            ),
+        )
         reward = torch.where(answers, hit(checked) + 0.2 * shaping, torch.zeros_like(shaping))
         s.answer = torch.where(answers, value, s.answer)
         s.answered = s.answered | answers

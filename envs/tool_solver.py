@@ -98,7 +98,9 @@ def _copy(state: ToolEnvState) -> ToolEnvState:
 
 
 def _key(state: ToolEnvState) -> bytes:
-    return torch.stack([state.acc, state.mem, state.cursor, state.has_value.long(), state.done.long()]).numpy().tobytes()
+    return (
+        torch.stack([state.acc, state.mem, state.cursor, state.has_value.long(), state.done.long()]).numpy().tobytes()
+    )
 
 
 def shortest_solution_lengths(digits: Tensor, stage: int, semantics: str = "register", max_steps: int = 8) -> Tensor:
@@ -126,4 +128,3 @@ def shortest_solution_lengths(digits: Tensor, stage: int, semantics: str = "regi
                     next_frontier.append(child)
         frontier = next_frontier
     return best
-

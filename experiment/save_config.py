@@ -36,6 +36,4 @@ class RunConfigSaver(SaveConfigCallback):
         path = os.path.join(folder, self.config_filename)
         self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
         if isinstance(trainer.logger, WandbLogger):
-            trainer.logger.experiment.config.update(
-                {"cli": self.config.clone().as_dict()}, allow_val_change=True
-            )
+            trainer.logger.experiment.config.update({"cli": self.config.clone().as_dict()}, allow_val_change=True)

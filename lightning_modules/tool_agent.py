@@ -41,18 +41,20 @@ class Rollout:
 
 
 class EpisodeMetrics(nn.Module):
-    """Greedy accuracy per stage, mean reward and mean episode length of one evaluation split."""
+    """Greedy accuracy and mean reward per stage, mean reward and episode length of one evaluation split."""
 
     def __init__(self) -> None:
         super().__init__()
         self.accuracy = nn.ModuleList(MeanMetric() for _ in range(NUM_STAGES))
+        self.stage_reward = nn.ModuleList(MeanMetric() for _ in range(NUM_STAGES))
         self.reward = MeanMetric()
         self.length = MeanMetric()
 
     def update(self, rollout: Rollout, stage: Tensor) -> None:
-        for k, metric in enumerate(self.accuracy):
+        for k in range(NUM_STAGES):
             if (stage == k).any():
-                metric.update(rollout.correct[stage == k].float())
+                self.accuracy[k].update(rollout.correct[stage == k].float())
+                self.stage_reward[k].update(rollout.returns[stage == k])
         self.reward.update(rollout.returns)
         self.length.update(rollout.lengths.float())
 
@@ -60,12 +62,13 @@ class EpisodeMetrics(nn.Module):
         out = {f"{prefix}/greedy_acc/stage_{k}": m.compute() for k, m in enumerate(self.accuracy) if m.update_called}
         if out:
             out[f"{prefix}/greedy_acc_min"] = torch.stack(list(out.values())).min()
+        out |= {f"{prefix}/reward/stage_{k}": m.compute() for k, m in enumerate(self.stage_reward) if m.update_called}
         out[f"{prefix}/reward"] = self.reward.compute()
         out[f"{prefix}/episode_length"] = self.length.compute()
         return out
 
     def reset(self) -> None:
-        for metric in [*self.accuracy, self.reward, self.length]:
+        for metric in [*self.accuracy, *self.stage_reward, self.reward, self.length]:
             metric.reset()
 
 
@@ -132,6 +135,7 @@ class ToolAgentA2C(LightningModule):
         self.register_buffer("action_tokens", self.env.action_tokens.clone(), persistent=False)
         # Action sampling uses its own generator, reseeded every step: runs are reproducible and resume exactly.
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
+        self._score_all_tokens = advantage_estimator == "seed_terminal"
         self.val_metrics = EpisodeMetrics()
         self.test_metrics = EpisodeMetrics()
 
@@ -143,7 +147,9 @@ class ToolAgentA2C(LightningModule):
         """Run one episode per problem; ``greedy`` takes the most likely action, otherwise one is sampled."""
         state = self.env.reset(digits, stage)
         hidden = self.policy.encode(context_tokens(digits, stage), stage)
-        steps: dict[str, list[Tensor]] = {k: [] for k in ("actions", "log_probs", "entropies", "values", "rewards", "mask")}
+        steps: dict[str, list[Tensor]] = {
+            k: [] for k in ("actions", "log_probs", "entropies", "values", "rewards", "mask")
+        }
         for _ in range(self.env.max_steps):
             logits, value = self.policy.heads(hidden)
             log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -158,15 +164,18 @@ class ToolAgentA2C(LightningModule):
             steps["entropies"].append(-(log_probs.exp() * log_probs).sum(-1))
             steps["values"].append(value.float())
             steps["rewards"].append(reward)
-            steps["mask"].append(active)
-            if state.done.all():
+            # The seed's estimator scores every emitted token, also those after the episode ended.
+            steps["mask"].append(torch.ones_like(active) if self._score_all_tokens else active)
+            if state.done.all() and not self._score_all_tokens:
                 break
             hidden = self.policy.advance(hidden, self.action_tokens[action])
         stacked = {k: torch.stack(v, 1) for k, v in steps.items()}
         mask = stacked["mask"]
         for key in ("log_probs", "entropies", "values", "rewards"):
             stacked[key] = stacked[key] * mask
-        return Rollout(tokens=self.action_tokens[stacked["actions"]], correct=state.correct, answer=state.answer, **stacked)
+        return Rollout(
+            tokens=self.action_tokens[stacked["actions"]], correct=state.correct, answer=state.answer, **stacked
+        )
 
     # --- learning ---------------------------------------------------------------------------------------------
     def a2c_losses(self, rollout: Rollout) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ class GRUActorCritic(nn.Module):
         num_stages: int = NUM_STAGES,
         vocab_size: int = VOCAB_SIZE,
         context_encoder: ContextEncoder = "gru",
+        orthogonal_init: bool = True,
     ) -> None:
         """
         Args:
@@ -35,6 +36,8 @@ class GRUActorCritic(nn.Module):
             vocab_size: Number of input tokens (digits, CTX, tool tokens, PAD).
             context_encoder: ``gru`` reads each problem's own digits in order; ``seed_batch_mean`` reproduces the
                 seed's bug, where every sample starts from the context averaged over the whole batch.
+            orthogonal_init: Orthogonal weights with a near-uniform initial policy; false keeps PyTorch's defaults
+                (the seed).
         """
         super().__init__()
         if context_encoder not in ("gru", "seed_batch_mean"):
@@ -46,7 +49,8 @@ class GRUActorCritic(nn.Module):
         self.cell = nn.GRUCell(hidden_size, hidden_size)
         self.policy_head = nn.Linear(hidden_size, num_actions)
         self.value_head = nn.Linear(hidden_size, 1)
-        self._init_weights()
+        if orthogonal_init:
+            self._init_weights()
 
     def _init_weights(self) -> None:
         # CleanRL/SB3 practice: orthogonal weights, a near-uniform initial policy, unit-scale values.
