@@ -1,0 +1,139 @@
+"""The tool agent's policy, losses, learning, curriculum and checkpoint resume."""
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.tool_tasks import ToolTaskDataModule
+from envs.tool_env import context_tokens
+from lightning_modules.tool_agent import ToolAgentA2C
+from models.tool_policy import GRUActorCritic
+
+
+def make_agent(**kwargs):
+    return ToolAgentA2C(GRUActorCritic(hidden_size=64), optimizer=partial(torch.optim.Adam, lr=1e-3), **kwargs)
+
+
+def make_trainer(max_epochs, **kwargs):
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("encoder,isolated", [("gru", True), ("seed_batch_mean", False)])
+def test_each_sample_sees_its_own_context(encoder, isolated):
+    torch.manual_seed(0)
+    policy = GRUActorCritic(hidden_size=32, context_encoder=encoder)
+    stage = torch.tensor([2, 2])
+    digits = torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]])
+    changed = digits.clone()
+    changed[1] = torch.tensor([0, 0, 0, 0, 1])
+    h = policy.encode(context_tokens(digits, stage), stage)
+    h_changed = policy.encode(context_tokens(changed, stage), stage)
+    assert h.shape == (2, 32)
+    assert torch.allclose(h[0], h_changed[0]) == isolated  # sample 0 must not see sample 1's digits
+    assert not torch.allclose(h[1], h_changed[1])
+
+
+def test_rollout_masks_steps_after_the_answer():
+    torch.manual_seed(0)
+    agent = make_agent()
+    digits = torch.randint(0, 10, (64, 5))
+    stage = torch.randint(0, 3, (64,))
+    rollout = agent.rollout(digits, stage, greedy=False, generator=torch.Generator().manual_seed(0))
+    lengths = rollout.mask.sum(1)
+    for i in range(64):
+        n = int(lengths[i])
+        assert rollout.mask[i, :n].all() and not rollout.mask[i, n:].any()
+        assert (rollout.log_probs[i, n:] == 0).all() and (rollout.rewards[i, n:] == 0).all()
+    # Only the final step can carry the (0/1) reward.
+    assert torch.equal(rollout.returns, rollout.correct.float())
+
+
+def test_a2c_loss_terms():
+    torch.manual_seed(0)
+    agent = make_agent(entropy_coef=0.0, value_coef=0.0)
+    rollout = agent.rollout(torch.randint(0, 10, (32, 5)), torch.zeros(32, dtype=torch.long), greedy=False)
+    losses = agent.a2c_losses(rollout)
+    assert losses["loss"].item() == pytest.approx(losses["policy_loss"].item())
+    losses["loss"].backward()
+    assert agent.policy.policy_head.weight.grad.abs().sum() > 0
+    assert torch.isfinite(losses["value_loss"]) and losses["entropy"] > 0
+
+
+def test_short_training_learns_stage_zero():
+    L.seed_everything(0)
+    agent = make_agent()
+    data = ToolTaskDataModule(batch_size=128, batches_per_epoch=20, val_problems_per_stage=256, advance_threshold=1.0)
+    data.setup("validate")
+    digits, stage = data.val_set.tensors
+    first = stage == 0
+    before = agent.rollout(digits[first], stage[first], greedy=True).correct.float().mean()
+    trainer = make_trainer(max_epochs=4)
+    trainer.fit(agent, data)
+    after = agent.rollout(digits[first], stage[first], greedy=True).correct.float().mean()
+    assert before < 0.2 and after > 0.9
+    assert trainer.callback_metrics["val/greedy_acc/stage_0"] > 0.9
+
+
+def test_threshold_curriculum_advances_and_schedule_follows_epochs():
+    data = ToolTaskDataModule(advance_threshold=0.9, replay_fraction=0.5)
+    data.update_curriculum([0.5, 0.0, 0.0])
+    assert data.stage == 0
+    data.update_curriculum([0.95, 0.0, 0.0])
+    assert data.stage == 1 and data.stage_probs().tolist() == [0.5, 0.5, 0.0]
+    scheduled = ToolTaskDataModule(curriculum="schedule", schedule=[0, 2], replay_fraction=0.0)
+    assert scheduled.stage == 0
+    scheduled.update_curriculum([0.0, 0.0, 0.0])
+    scheduled.update_curriculum([0.0, 0.0, 0.0])
+    assert scheduled.stage == 2 and scheduled.stage_probs().tolist() == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"schedule": [0, 3], "curriculum": "schedule"}, "unknown stage 3"),
+        ({"start_stage": -1}, "unknown stage -1"),
+        ({"replay_fraction": 1.5}, "replay_fraction"),
+        ({"curriculum": "schedule"}, "non-empty"),
+    ],
+)
+def test_bad_datamodule_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ToolTaskDataModule(**kwargs)
+
+
+def test_bad_module_arguments():
+    with pytest.raises(ValueError, match="gamma"):
+        make_agent(gamma=1.5)
+    with pytest.raises(ValueError, match="num_actions"):
+        ToolAgentA2C(GRUActorCritic(num_actions=18), semantics="register")
+
+
+def _fit(tmp_path, max_epochs, ckpt_path=None):
+    L.seed_everything(0)
+    agent = make_agent()
+    data = ToolTaskDataModule(batch_size=64, batches_per_epoch=8, val_problems_per_stage=128, advance_threshold=0.3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = make_trainer(max_epochs=max_epochs, callbacks=[checkpoint])
+    trainer.fit(agent, data, ckpt_path=ckpt_path)
+    return agent, data
+
+
+def test_resume_restores_curriculum_and_continues_exactly(tmp_path):
+    full, full_data = _fit(tmp_path / "full", max_epochs=4)
+    _, half_data = _fit(tmp_path / "half", max_epochs=2)
+    assert half_data.stage >= 1, "the test needs the curriculum to have moved before the checkpoint"
+    resumed, resumed_data = _fit(tmp_path / "half", max_epochs=4, ckpt_path=str(tmp_path / "half" / "last.ckpt"))
+    assert resumed_data.state_dict() == full_data.state_dict()
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
