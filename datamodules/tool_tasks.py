@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
@@ -28,6 +28,25 @@ class ProblemStream(IterableDataset):
         for _ in range(self.batches):
             digits, stage = sample_problems(self.batch_size, probs, generator)
             yield digits, stage
+
+
+class StageBatches(Dataset):
+    """Evaluation problems pre-cut into batches that never mix stages (the seed's batch-mean encoder needs it)."""
+
+    def __init__(self, digits: torch.Tensor, stages: torch.Tensor, batch_size: int) -> None:
+        self.digits, self.stages = digits, stages
+        self.chunks = [
+            chunk
+            for k in stages.unique().tolist()
+            for chunk in (stages == k).nonzero().flatten().split(batch_size)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = self.chunks[index]
+        return self.digits[chunk], self.stages[chunk]
 
 
 class ToolTaskDataModule(LightningDataModule):
@@ -62,7 +81,7 @@ class ToolTaskDataModule(LightningDataModule):
             start_stage: Frontier stage before training (``threshold`` mode).
             replay_fraction: Share of each batch drawn uniformly from stages before the frontier.
             val_problems_per_stage: Fixed random validation problems per stage.
-            eval_batch_size: Batch size of validation, test and predict.
+            eval_batch_size: Batch size of validation, test and predict (each batch holds one stage).
             seed: Seed of the training problem stream (offset by rank and epoch).
         """
         super().__init__()
@@ -122,7 +141,7 @@ class ToolTaskDataModule(LightningDataModule):
         per_stage = self.hparams.val_problems_per_stage
         digits = torch.randint(0, 10, (per_stage * NUM_STAGES, 5), generator=generator)
         stages = torch.arange(NUM_STAGES).repeat_interleave(per_stage)
-        self.val_set = TensorDataset(digits, stages)
+        self.val_set = StageBatches(digits, stages, self.hparams.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
         world_size, rank = self._world()
@@ -132,13 +151,13 @@ class ToolTaskDataModule(LightningDataModule):
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.eval_batch_size)
+        return DataLoader(self.val_set, batch_size=None)
 
     def test_dataloader(self) -> DataLoader:
         """Every digit combination of every stage (1,000 + 10,000 + 100,000 problems)."""
         digits = torch.cat([all_problems(s) for s in range(NUM_STAGES)])
         stages = torch.cat([torch.full((10 ** (3 + s),), s) for s in range(NUM_STAGES)])
-        return DataLoader(TensorDataset(digits, stages), batch_size=self.hparams.eval_batch_size)
+        return DataLoader(StageBatches(digits, stages, self.hparams.eval_batch_size), batch_size=None)
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

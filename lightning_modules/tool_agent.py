@@ -233,7 +233,8 @@ class ToolAgentA2C(LightningModule):
         rollout = self.rollout(digits, stage, greedy=True)
         self.val_metrics.update(rollout, stage)
         if batch_idx == 0:
-            self._trajectories = self.describe(digits, stage, rollout)
+            self._trajectories = []
+        self._trajectories += self.describe(digits, stage, rollout)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch

@@ -75,7 +75,7 @@ def test_short_training_learns_stage_zero():
     agent = make_agent()
     data = ToolTaskDataModule(batch_size=128, batches_per_epoch=20, val_problems_per_stage=256, advance_threshold=1.0)
     data.setup("validate")
-    digits, stage = data.val_set.tensors
+    digits, stage = data.val_set.digits, data.val_set.stages
     first = stage == 0
     before = agent.rollout(digits[first], stage[first], greedy=True).correct.float().mean()
     trainer = make_trainer(max_epochs=4)
