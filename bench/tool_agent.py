@@ -36,8 +36,16 @@ CONFIGS = {"default": "configs/tool_agent/default.yaml", "seed_semantics": "conf
 def train_and_test(config: str, seed: int) -> dict:
     """Fit one config with one seed, test it on every problem; returns metrics, time and validation curve."""
     with tempfile.TemporaryDirectory() as folder:
-        common = ["--config", str(REPO / config), "--seed_everything", str(seed),
-                  "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", folder]
+        common = [
+            "--config",
+            str(REPO / config),
+            "--seed_everything",
+            str(seed),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            folder,
+        ]
         start = time.perf_counter()
         run = main(["fit", *common])
         seconds = time.perf_counter() - start
@@ -47,7 +55,8 @@ def train_and_test(config: str, seed: int) -> dict:
         with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
             curve = [
                 {"step": int(r["step"]), **{k: float(r[k]) for k in r if k.startswith("val/greedy_acc/") and r[k]}}
-                for r in csv.DictReader(f) if r.get("val/greedy_acc_min")
+                for r in csv.DictReader(f)
+                if r.get("val/greedy_acc_min")
             ]
     return {"seed": seed, "seconds": seconds, "steps": trainer.global_step, "test": metrics, "curve": curve}
 
@@ -129,8 +138,11 @@ def main_bench() -> None:
                     writer.writerow([name, run["seed"], point["step"], *accs])
 
     plot_curves(results, REPO / "docs" / "figures" / "tool_agent_curves.png")
-    print("| config | seed | updates | seconds | " + " | ".join(
-        f"acc stage {k} | reward stage {k}" for k in range(NUM_STAGES)) + " |")
+    print(
+        "| config | seed | updates | seconds | "
+        + " | ".join(f"acc stage {k} | reward stage {k}" for k in range(NUM_STAGES))
+        + " |"
+    )
     for name, runs in results.items():
         for run in runs:
             cells = " | ".join(

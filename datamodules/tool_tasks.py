@@ -36,9 +36,7 @@ class StageBatches(Dataset):
     def __init__(self, digits: torch.Tensor, stages: torch.Tensor, batch_size: int) -> None:
         self.digits, self.stages = digits, stages
         self.chunks = [
-            chunk
-            for k in stages.unique().tolist()
-            for chunk in (stages == k).nonzero().flatten().split(batch_size)
+            chunk for k in stages.unique().tolist() for chunk in (stages == k).nonzero().flatten().split(batch_size)
         ]
 
     def __len__(self) -> int:

@@ -2,8 +2,8 @@
 
 ``shortest_program`` searches the register semantics symbolically: the digits a..e are variables, registers hold
 polynomials in them, and a program solves the stage for *every* digit combination exactly when the answer's
-polynomial (``mem + acc``) equals the goal's. Breadth-first search over programs, merging programs that reach the same symbolic
-state, returns a shortest such program; the tests then run it on all ``10**n`` combinations.
+polynomial (``mem + acc``) equals the goal's. Breadth-first search over programs, merging programs that reach the
+same symbolic state, returns a shortest such program; the tests then run it on all ``10**n`` combinations.
 
 ``shortest_solution_lengths`` searches concretely, any semantics, for a given set of problems at once: it expands every
 program in order of length and marks each problem solved by the shortest program that answers its stated goal.
@@ -53,7 +53,7 @@ class Poly:
         out: Counter = Counter()
         for m1, c1 in self.terms.items():
             for m2, c2 in self._coerce(other).terms.items():
-                out[tuple(x + y for x, y in zip(m1, m2))] += c1 * c2
+                out[tuple(x + y for x, y in zip(m1, m2, strict=True))] += c1 * c2
         return Poly(dict(out))
 
     __rmul__ = __mul__

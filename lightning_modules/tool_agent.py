@@ -269,10 +269,9 @@ class ToolAgentA2C(LightningModule):
             for i in (stage == k).nonzero().flatten()[:per_stage].tolist():
                 program = decode(rollout.tokens[i][rollout.mask[i]].tolist())
                 mark = "correct" if rollout.correct[i] else "wrong"
-                lines.append(
-                    f"stage {k} | digits {digits[i, : STAGE_NUM_DIGITS[k]].tolist()} | goal {int(goals[i])} | {program} "
-                    f"-> {int(rollout.answer[i])} ({mark})"
-                )
+                shown = digits[i, : STAGE_NUM_DIGITS[k]].tolist()
+                answer = int(rollout.answer[i])
+                lines.append(f"stage {k} | digits {shown} | goal {int(goals[i])} | {program} -> {answer} ({mark})")
         return lines
 
     def _log_trajectories(self, lines: list[str]) -> None:
