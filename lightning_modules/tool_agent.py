@@ -241,8 +241,11 @@ class ToolAgentA2C(LightningModule):
         self.test_metrics.update(self.rollout(digits, stage, greedy=True), stage)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> list[str]:
+        """Every greedy trajectory of the batch as text; the first few are printed."""
         digits, stage = batch
-        return self.describe(digits, stage, self.rollout(digits, stage, greedy=True), per_stage=len(digits))
+        lines = self.describe(digits, stage, self.rollout(digits, stage, greedy=True), per_stage=len(digits))
+        rank_zero_info("\n".join(lines[: self.hparams.logged_trajectories]))
+        return lines
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute("val")
