@@ -1,0 +1,427 @@
+"""Text for the LM systems: an offline story corpus the project generates (or local text / JSONL files), and the
+DataModules built on it: causal-LM batches (SFT), preference pairs (reward model) and prompts (PPO, evaluation).
+
+The generated stories follow simple templates whose properties are controlled (number of sentences, mood, the
+entities involved), so every story is coherent by construction: one protagonist (name, kind, pronoun) and one
+object throughout, sentences in narrative order. Preference pairs compare a story with a *corrupted copy of the
+same story* (sentences swapped, or the protagonist's name, pronoun or object changed part-way), drawn so that the
+rejected text has the same length distribution as the chosen one: a reward model cannot score well by preferring
+longer text (the seed's rejected = shuffled half story could).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from models.lm_factory import build_tokenizer, load_tokenizer
+
+# --- the generated corpus -------------------------------------------------------------------------------------
+NAMES = {
+    "she": ["Mia", "Lily", "Anna", "Zoe", "Emma", "Lucy", "Sara", "Nina", "Ella", "Rosa"],
+    "he": ["Tom", "Sam", "Ben", "Max", "Leo", "Jack", "Finn", "Noah", "Eli", "Owen"],
+}
+KINDS = ["little girl", "little boy", "cat", "dog", "bunny", "bird", "fox", "bear"]
+ADJECTIVES = ["small", "happy", "curious", "brave", "kind", "shy", "funny", "quiet"]
+PLACES = ["in a small house", "near the big lake", "in a green forest", "by the sea", "on a busy farm",
+          "in a tall tree", "in a sunny town", "next to a park"]
+OBJECTS = ["red ball", "blue kite", "shiny stone", "old book", "little boat", "yellow hat", "magic box", "green leaf"]
+WHERES = ["under a tree", "in the grass", "near the river", "behind a rock", "in the garden", "on the road"]
+FRIENDS = ["a friendly duck", "an old owl", "a tiny mouse", "a big frog", "a kind turtle", "a little lamb"]
+FEELINGS = {"happy": ["very happy", "so excited", "full of joy", "very glad"],
+            "sad": ["a little sad", "very worried", "quite upset", "a bit scared"]}
+ACTIONS = ["played with the {o} together with {f}", "showed the {o} to {f}", "shared the {o} with {f}",
+           "carried the {o} home with {f}"]
+ENDINGS = {"happy": ["In the end, {n} smiled and was happy.", "From that day on, {n} and {f} were best friends.",
+                     "That night, {n} slept with a big smile."],
+           "sad": ["In the end, {n} lost the {o} and cried.", "That night, {n} felt lonely and sad.",
+                   "Sadly, the {o} broke and {n} went home alone."]}
+Mood = Literal["happy", "sad", "mixed"]
+Corruption = Literal["shuffle", "name", "pronoun", "object"]
+CORRUPTIONS: tuple[str, ...] = ("shuffle", "name", "pronoun", "object")
+
+
+@dataclass
+class Story:
+    """One generated story and the entities it must keep consistent."""
+
+    sentences: list[str]
+    name: str
+    pronoun: str
+    object: str
+    mood: str
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.sentences)
+
+
+def make_story(rng: random.Random, mood: Mood = "mixed", min_sentences: int = 5, max_sentences: int = 7) -> Story:
+    """A coherent template story with ``min_sentences``..``max_sentences`` sentences (5 to 7)."""
+    if not 5 <= min_sentences <= max_sentences <= 7:
+        raise ValueError(f"need 5 <= min_sentences <= max_sentences <= 7, got {min_sentences}, {max_sentences}")
+    pronoun = rng.choice(["she", "he"])
+    name = rng.choice(NAMES[pronoun])
+    kind = rng.choice([k for k in KINDS if k != ("little boy" if pronoun == "she" else "little girl")])
+    obj, friend = rng.choice(OBJECTS), rng.choice(FRIENDS)
+    mood = rng.choice(["happy", "sad"]) if mood == "mixed" else mood
+    fill = {"n": name, "o": obj, "f": friend}
+    pro = pronoun.capitalize()
+    core = [
+        f"Once upon a time, there was a {rng.choice(ADJECTIVES)} {kind} named {name}.",
+        f"{pro} lived {rng.choice(PLACES)}.",
+        f"One day, {name} found a {obj} {rng.choice(WHERES)}.",
+        f"{pro} was {rng.choice(FEELINGS[mood])}.",
+        f"{name} {rng.choice(ACTIONS).format(**fill)}.",
+        f"{friend[0].upper()}{friend[1:]} liked the {obj} too.",
+        rng.choice(ENDINGS[mood]).format(**fill),
+    ]
+    keep = rng.randint(min_sentences, max_sentences)
+    optional = [1, 3, 5]  # the others carry the plot
+    dropped = set(rng.sample(optional, 7 - keep))
+    return Story([s for i, s in enumerate(core) if i not in dropped], name, pronoun, obj, mood)
+
+
+def generate_stories(count: int, seed: int = 0, mood: Mood = "mixed", min_sentences: int = 5,
+                     max_sentences: int = 7) -> list[Story]:
+    """``count`` stories, the same for the same arguments."""
+    rng = random.Random(seed)
+    return [make_story(rng, mood, min_sentences, max_sentences) for _ in range(count)]
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of plain text (split after ``.``, ``!`` or ``?`` followed by white space)."""
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+def corrupt(sentences: Sequence[str], kind: str, rng: random.Random, story: Story | None = None) -> str:
+    """An incoherent copy of a story with the same length distribution.
+
+    ``shuffle`` reorders the sentences (same words); ``name`` / ``pronoun`` / ``object`` replace the protagonist's
+    name, pronoun or object in the sentences after the one that introduced it by another drawn from the same pool
+    (so longer and shorter replacements are equally likely). The entity corruptions need the ``story``.
+    """
+    sentences = list(sentences)
+    if kind == "shuffle":
+        if len(sentences) < 2:
+            raise ValueError("shuffle needs at least two sentences")
+        order = list(range(len(sentences)))
+        while order == sorted(order):
+            rng.shuffle(order)
+        return " ".join(sentences[i] for i in order)
+    if story is None:
+        raise ValueError(f"corruption {kind!r} needs the generated story's entities")
+    if kind == "name":
+        pool = [n for names in NAMES.values() for n in names if n != story.name]
+        old, new = story.name, rng.choice(pool)
+    elif kind == "pronoun":
+        old = story.pronoun.capitalize()
+        new = "He" if old == "She" else "She"
+    elif kind == "object":
+        old, new = story.object, rng.choice([o for o in OBJECTS if o != story.object])
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; expected one of {CORRUPTIONS}")
+    # Change every mention after the first one, so the story contradicts itself.
+    mentions = [i for i, s in enumerate(sentences) if re.search(rf"\b{re.escape(old)}\b", s)]
+    start = mentions[1] if len(mentions) > 1 else 1
+    changed = [re.sub(rf"\b{re.escape(old)}\b", new, s) if i >= start else s for i, s in enumerate(sentences)]
+    if changed == sentences:  # nothing to change (e.g. no pronoun sentence): fall back to reordering
+        return corrupt(sentences, "shuffle", rng)
+    return " ".join(changed)
+
+
+def read_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
+    """Documents of local ``.txt`` (blank-line separated) and ``.jsonl`` (one ``text_field`` per line) files."""
+    documents: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
+        if path.suffix == ".jsonl":
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
+                if text_field not in record:
+                    raise ValueError(f"{path}:{number} has no field {text_field!r}")
+                documents.append(str(record[text_field]).strip())
+        else:
+            documents += [d.strip() for d in re.split(r"\n\s*\n", path.read_text())]
+    documents = [d for d in documents if d]
+    if not documents:
+        raise ValueError(f"no documents in {list(map(str, paths))}")
+    return documents
+
+
+# --- batching -------------------------------------------------------------------------------------------------
+def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """``[B, max_len]`` of ``sequences`` padded with ``value`` on the right (or the left)."""
+    width = max(len(s) for s in sequences)
+    rows = [([value] * (width - len(s)) + list(s)) if left else (list(s) + [value] * (width - len(s)))
+            for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def lm_batch(prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int,
+             completion_only: bool) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (``-100`` on padding, and on prompts when
+    ``completion_only``)."""
+    ids = [p + c for p, c in zip(prompts, completions)]
+    labels = [([-100] * len(p) if completion_only else p) + c for p, c in zip(prompts, completions)]
+    input_ids = pad(ids, pad_id)
+    return {"input_ids": input_ids, "attention_mask": pad([[1] * len(s) for s in ids], 0),
+            "labels": pad(labels, -100)}
+
+
+class CorpusDataModule(LightningDataModule):
+    """The corpus, its tokenizer and its train/val/test split; the subclasses decide what a batch is.
+
+    Every phase of a pipeline that names the same corpus settings gets the same documents, split and tokenizer
+    (the tokenizer is cached by a hash of the training documents).
+    """
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        text_field: str = "text",
+        num_stories: int = 4000,
+        corpus_seed: int = 0,
+        mood: Mood = "mixed",
+        min_sentences: int = 5,
+        max_sentences: int = 7,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        tokenizer: str | None = None,
+        vocab_size: int = 512,
+        tokenizer_cache: str | None = None,
+        prompt_sentences: int = 1,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            files: Local ``.txt`` / ``.jsonl`` corpus files; ``null`` generates the offline story corpus.
+            text_field: Field holding the text in JSONL records.
+            num_stories: Stories generated when ``files`` is null.
+            corpus_seed: Seed of the generated stories and of the split.
+            mood: Mood of the generated stories: ``happy``, ``sad`` or ``mixed``.
+            min_sentences: Fewest sentences of a generated story (5-7).
+            max_sentences: Most sentences of a generated story (5-7).
+            val_fraction: Share of documents held out for validation.
+            test_fraction: Share of documents held out for testing (prompts of the final evaluation).
+            tokenizer: A hub name or local folder of a pretrained tokenizer; ``null`` trains a BPE tokenizer on the
+                training documents (cached).
+            vocab_size: Size of the trained tokenizer.
+            tokenizer_cache: Folder of cached tokenizers (``null``: ``~/.cache/experiential-agents/tokenizers``).
+            prompt_sentences: Leading sentences that form the prompt; the rest is the completion.
+            max_length: Longest token sequence (prompt + completion); longer ones are cut.
+            batch_size: Training batch size, summed over all devices.
+            eval_batch_size: Validation / test batch size per device.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}")
+        if batch_size < 1 or eval_batch_size < 1 or max_length < 8 or prompt_sentences < 1:
+            raise ValueError("batch_size, eval_batch_size and prompt_sentences must be >= 1, max_length >= 8")
+        if files is None and num_stories < 10:
+            raise ValueError(f"num_stories must be >= 10, got {num_stories}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        rng = random.Random(corpus_seed)
+        if files is None:
+            self.stories: list[Story | None] = generate_stories(num_stories, corpus_seed, mood, min_sentences,
+                                                                max_sentences)
+            documents = [s.text for s in self.stories]
+        else:
+            documents = read_documents(files, text_field)
+            self.stories = [None] * len(documents)
+        order = list(range(len(documents)))
+        rng.shuffle(order)
+        n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
+        self.split_indices = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
+                              "train": order[n_test + n_val:]}
+        if not self.split_indices["train"]:
+            raise ValueError("the corpus is too small: no training documents left after the split")
+        self.documents = documents
+        train_texts = [" " + documents[i] for i in self.split_indices["train"]]
+        self.tokenizer = (build_tokenizer(train_texts, vocab_size, tokenizer_cache) if tokenizer is None
+                          else load_tokenizer(tokenizer))
+
+    # --- text -> tokens ---------------------------------------------------------------------------------------
+    def split(self, name: str) -> list[int]:
+        return self.split_indices[name]
+
+    def prompt_and_completion(self, index: int) -> tuple[str, str]:
+        sentences = split_sentences(self.documents[index])
+        k = min(self.hparams.prompt_sentences, max(1, len(sentences) - 1))
+        return " ".join(sentences[:k]), " ".join(sentences[k:])
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """``<bos>`` + prompt tokens (what the policy is conditioned on).
+
+        Every text is encoded with a leading space, so a word has the same tokens wherever it stands: reordering
+        sentences keeps the token count, and the token length of a corrupted story is no cue.
+        """
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.tokenizer(" " + prompt, add_special_tokens=False).input_ids
+
+    def encode_completion(self, completion: str) -> list[int]:
+        """Completion tokens (with the leading space that joins it to the prompt) + ``<eos>``."""
+        ids = self.tokenizer(" " + completion, add_special_tokens=False).input_ids
+        return ids + [self.tokenizer.eos_token_id]
+
+    def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        p, c = self.encode_prompt(prompt), self.encode_completion(completion)
+        return p, c[: max(1, self.hparams.max_length - len(p))]
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _per_device(self) -> int:
+        world_size, _ = self._world()
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
+        return self.batch_size // world_size
+
+    def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers, drop_last=shuffle and len(items) >= batch_size)
+
+    def items(self, split: str) -> list:
+        raise NotImplementedError
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.items("train"), self._per_device(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.items("val"), self.hparams.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.items("test"), self.hparams.eval_batch_size, shuffle=False)
+
+
+class TextCorpusDataModule(CorpusDataModule):
+    """Causal-LM batches for SFT: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where no loss is taken)."""
+
+    def __init__(self, *args, completion_only: bool = True, **kwargs) -> None:
+        """
+        Args:
+            completion_only: Take the loss on the completion only (the prompt sentences are context).
+        """
+        super().__init__(*args, **kwargs)
+        self.completion_only = completion_only
+
+    def items(self, split: str) -> list[tuple[list[int], list[int]]]:
+        return [self.encode_pair(*self.prompt_and_completion(i)) for i in self.split(split)]
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        prompts, completions = zip(*items)
+        return lm_batch(prompts, completions, self.tokenizer.pad_token_id, self.completion_only)
+
+
+class PreferenceDataModule(CorpusDataModule):
+    """Pairs ``(chosen, rejected)``: a document and a corrupted copy of it (same prompt, same length
+    distribution). Batches hold ``chosen_ids``/``chosen_mask``/``rejected_ids``/``rejected_mask`` (right-padded,
+    ending with ``<eos>``)."""
+
+    def __init__(self, *args, corruptions: list[str] | None = None, pair_seed: int = 0, **kwargs) -> None:
+        """
+        Args:
+            corruptions: Kinds of corruption to draw from (``shuffle``, ``name``, ``pronoun``, ``object``); local
+                files support ``shuffle`` only. ``null``: all that the corpus supports.
+            pair_seed: Seed of the corruptions.
+        """
+        super().__init__(*args, **kwargs)
+        generated = self.stories[0] is not None
+        corruptions = list(corruptions or (CORRUPTIONS if generated else ("shuffle",)))
+        for kind in corruptions:
+            if kind not in CORRUPTIONS:
+                raise ValueError(f"unknown corruption {kind!r}; expected some of {CORRUPTIONS}")
+            if kind != "shuffle" and not generated:
+                raise ValueError(f"corruption {kind!r} needs the generated corpus; local files support 'shuffle'")
+        self.corruptions = corruptions
+        self.pair_seed = pair_seed
+
+    def pairs(self, split: str) -> list[tuple[str, str]]:
+        """``(chosen, rejected)`` texts of a split; the same for the same seeds."""
+        rng = random.Random(f"{self.pair_seed}-{split}")
+        out = []
+        for i in self.split(split):
+            sentences = split_sentences(self.documents[i])
+            if len(sentences) < 2:
+                continue
+            out.append((self.documents[i], corrupt(sentences, rng.choice(self.corruptions), rng, self.stories[i])))
+        return out
+
+    def encode_text(self, text: str) -> list[int]:
+        ids = self.encode_prompt(text) + [self.tokenizer.eos_token_id]
+        return ids[-self.hparams.max_length:]
+
+    def items(self, split: str) -> list[tuple[list[int], list[int]]]:
+        return [(self.encode_text(c), self.encode_text(r)) for c, r in self.pairs(split)]
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        chosen, rejected = zip(*items)
+        return {
+            "chosen_ids": pad(chosen, self.tokenizer.pad_token_id),
+            "chosen_mask": pad([[1] * len(s) for s in chosen], 0),
+            "rejected_ids": pad(rejected, self.tokenizer.pad_token_id),
+            "rejected_mask": pad([[1] * len(s) for s in rejected], 0),
+        }
+
+
+class PromptDataModule(CorpusDataModule):
+    """Prompts for PPO and generation: left-padded ``prompt_ids``/``prompt_mask`` and ``index`` (the document,
+    whose completion is the reference for ROUGE/BLEU)."""
+
+    def __init__(self, *args, batches_per_epoch: int = 50, **kwargs) -> None:
+        """
+        Args:
+            batches_per_epoch: Training batches (one per optimisation step) per epoch; prompts are reshuffled.
+        """
+        super().__init__(*args, **kwargs)
+        if batches_per_epoch < 1:
+            raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+        self.batches_per_epoch = batches_per_epoch
+
+    def reference(self, index: int) -> str:
+        return self.prompt_and_completion(index)[1]
+
+    def items(self, split: str) -> list[tuple[list[int], int]]:
+        return [(self.encode_prompt(self.prompt_and_completion(i)[0]), i) for i in self.split(split)]
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        prompts, index = zip(*items)
+        return {
+            "prompt_ids": pad(prompts, self.tokenizer.pad_token_id, left=True),
+            "prompt_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
+            "index": torch.tensor(index),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        items = self.items("train")
+        world_size, rank = self._world()
+        per_device = self._per_device()
+        generator = torch.Generator().manual_seed(self.hparams.corpus_seed + 1_000_003 * rank)
+        sampler = torch.utils.data.RandomSampler(items, replacement=True,
+                                                 num_samples=per_device * self.batches_per_epoch, generator=generator)
+        return DataLoader(items, batch_size=per_device, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers)
