@@ -1,0 +1,67 @@
+"""Batched candidate scoring equals one forward pass per candidate."""
+
+import pytest
+import torch
+
+from envs.tiny_shop import TinyShopEnv
+from envs.web_shop import WebShopEnv, make_catalog, make_goals
+from models.action_scorer import batched_scores, choose_action, naive_scores, score_candidates
+from models.lm_factory import build_causal_lm, build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def states():
+    catalog = make_catalog()
+    prompts, candidates = [], []
+    for goal in make_goals(catalog, "train", 2):
+        env = WebShopEnv(catalog, goal)
+        while env.page != "done":
+            prompts.append(env.observation() + "\nAction: ")
+            candidates.append(env.candidate_actions())
+            env.step(env.expert_action())
+    shop = TinyShopEnv()
+    prompts.append(shop.observation() + "\nAction: ")
+    candidates.append(shop.candidate_actions())
+    return prompts, candidates
+
+
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-smollm3"])
+def lm(request, states, tmp_path_factory):
+    prompts, candidates = states
+    texts = prompts + [c for cs in candidates for c in cs]
+    tokenizer = build_tokenizer(texts, vocab_size=400, cache_dir=tmp_path_factory.mktemp("tok"))
+    torch.manual_seed(0)
+    return build_causal_lm(request.param, tokenizer, hidden_size=32, num_heads=2).eval(), tokenizer
+
+
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_batched_scores_equal_naive_scores(lm, states, length_normalize):
+    model, tokenizer = lm
+    prompts, candidates = states
+    batched = score_candidates(model, tokenizer, prompts, candidates, length_normalize)
+    assert [len(b) for b in batched] == [len(c) for c in candidates]
+    for prompt, cands, scores in zip(prompts, candidates, batched):
+        naive = naive_scores(model, tokenizer, prompt, cands, length_normalize)
+        assert torch.allclose(scores, naive, atol=1e-4), (scores - naive).abs().max()
+        assert torch.allclose(batched_scores(model, tokenizer, prompt, cands, length_normalize), naive, atol=1e-4)
+
+
+def test_length_normalisation_divides_by_token_count(lm, states):
+    model, tokenizer = lm
+    prompt, cands = states[0][0], states[1][0]
+    total = batched_scores(model, tokenizer, prompt, cands)
+    mean = batched_scores(model, tokenizer, prompt, cands, length_normalize=True)
+    lengths = torch.tensor([len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in cands])
+    assert torch.allclose(mean, total / lengths, atol=1e-5)
+    assert (total < 0).all()
+
+
+def test_choose_action_takes_the_best_and_rejects_empty_input(lm, states):
+    model, tokenizer = lm
+    prompt, cands = states[0][0], states[1][0]
+    action, scores = choose_action(model, tokenizer, prompt, cands)
+    assert action == cands[int(scores.argmax())]
+    with pytest.raises(ValueError, match="no candidate"):
+        batched_scores(model, tokenizer, prompt, [])
+    with pytest.raises(ValueError, match="prompts but"):
+        score_candidates(model, tokenizer, [prompt], [cands, cands])
