@@ -1,0 +1,758 @@
+"""Small-LM RLHF in three phases: supervised fine-tuning, a pairwise reward model and PPO against it.
+
+    python train.py fit --config configs/rlhf/sft.yaml
+    python train.py fit --config configs/rlhf/reward.yaml --model.init_args.init_from <sft.ckpt>
+    python train.py fit --config configs/rlhf/ppo.yaml --model.init_args.init_from <sft.ckpt> \
+        --model.init_args.reward_model_from <reward.ckpt>
+
+Each phase builds its LM with ``models.lm_factory`` (a tiny offline model by default, or ``model_name`` = a hub
+name / local folder) and the tokenizer of its DataModule. Checkpoints carry the LM's merged weights
+(``merged_lm``), so the next phase starts from them whatever adapters the previous one trained. ``init_from: null``
+starts from the base model (what ``fast_dev_run`` smoke tests use).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
+
+from lightning_modules.rl import gae, masked_mean, masked_normalize
+from models.lm_factory import LoraSettings, build_causal_lm, merged_state_dict
+from models.lm_rollout import (
+    AdaptiveKLController,
+    RewardModel,
+    ScalarHead,
+    distinct_n,
+    hidden_size_of,
+    response_logprobs,
+    sample,
+)
+
+
+def load_phase_checkpoint(path: str) -> dict[str, Any]:
+    """An earlier phase's checkpoint (tensors and plain values only: ``weights_only=True``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist (init_from / reward_model_from)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "merged_lm" not in checkpoint:
+        raise ValueError(
+            f"{path!r} has no merged LM weights: it was not written by an RLHF phase, or its LM was 4-bit "
+            "(train the phase that feeds another one without load_in_4bit)"
+        )
+    return checkpoint
+
+
+class _LMPhase(LightningModule):
+    """Builds the LM in ``configure_model`` (once the DataModule's tokenizer is known) and exports merged weights."""
+
+    def __init__(
+        self,
+        model_name: str = "tiny-llama",
+        init_from: str | None = None,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        lora_r: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "auto",
+        load_in_4bit: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+    ) -> None:
+        super().__init__()
+        if min(hidden_size, num_layers, num_heads) < 1:
+            raise ValueError("hidden_size, num_layers and num_heads must be >= 1")
+        if load_in_4bit and lora_r is None:
+            raise ValueError("load_in_4bit needs a LoRA adapter (set lora_r)")
+        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target_modules) if lora_r else None
+        self.optimizer_factory = optimizer
+        self.tokenizer = None
+        self.lm: nn.Module | None = None
+
+    # --- building ---------------------------------------------------------------------------------------------
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is None or not hasattr(datamodule, "tokenizer"):
+                raise RuntimeError(f"{type(self).__name__} needs a tokenizer: use a corpus DataModule or call build()")
+            self.tokenizer = datamodule.tokenizer
+        return self.tokenizer
+
+    def _build_lm(self, state_dict: dict[str, Tensor] | None, lora: LoraSettings | None, **overrides) -> nn.Module:
+        hp = self.hparams
+        settings = dict(model_name=hp.model_name, hidden_size=hp.hidden_size, num_layers=hp.num_layers,
+                        num_heads=hp.num_heads) | overrides
+        lm = build_causal_lm(
+            settings["model_name"], self.tokenizer, lora=lora, load_in_4bit=hp.load_in_4bit and lora is not None,
+            state_dict=state_dict, trust_remote_code=hp.trust_remote_code, hidden_size=settings["hidden_size"],
+            num_layers=settings["num_layers"], num_heads=settings["num_heads"],
+        )
+        rows = lm.get_input_embeddings().weight.shape[0]
+        if rows < len(self.tokenizer):
+            raise ValueError(f"the model has {rows} token embeddings; the tokenizer has {len(self.tokenizer)} tokens")
+        return lm
+
+    def build(self, tokenizer=None) -> None:
+        """Build the networks (Lightning calls this through ``configure_model``; call it yourself outside a
+        Trainer)."""
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        if self.lm is None:
+            self._tokenizer()
+            self._build()
+
+    def configure_model(self) -> None:
+        self.build()
+
+    def _build(self) -> None:
+        raise NotImplementedError
+
+    def _init_state(self) -> dict[str, Tensor] | None:
+        if self.hparams.init_from is None:
+            return None
+        return load_phase_checkpoint(self.hparams.init_from)["merged_lm"]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.hparams.load_in_4bit:
+            checkpoint["merged_lm"] = merged_state_dict(self.lm)
+
+    def _is_4bit(self) -> bool:
+        return bool(self.hparams.load_in_4bit)
+
+
+class CausalLMSFT(_LMPhase):
+    """Supervised fine-tuning with the causal-LM loss on the labelled tokens (the completion, with a
+    ``TextCorpusDataModule(completion_only=true)``), full or through a LoRA adapter.
+
+    Logged metrics: ``train/loss``; ``val/loss``, ``val/ppl`` (torchmetrics perplexity over the labelled tokens);
+    the same under ``test/``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "tiny-llama",
+        init_from: str | None = None,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        lora_r: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "auto",
+        load_in_4bit: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+    ) -> None:
+        """
+        Args:
+            model_name: ``tiny-llama`` / ``tiny-smollm3`` (built offline from a config), a hub name or a local folder.
+            init_from: Checkpoint of an earlier phase whose merged LM weights to start from (``null``: the base).
+            hidden_size: Width of a tiny model.
+            num_layers: Decoder layers of a tiny model.
+            num_heads: Attention heads of a tiny model.
+            lora_r: Rank of a LoRA adapter on the attention projections; ``null`` trains every weight.
+            lora_alpha: LoRA scale numerator (the update is scaled by ``alpha / r``).
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Modules to adapt; ``auto`` = the attention projections of the architecture.
+            load_in_4bit: Quantise the base to 4-bit NF4 (bitsandbytes; needs ``lora_r``).
+            trust_remote_code: Allow code shipped with a hub model to run (off unless you opt in).
+            optimizer: Optimiser factory, called with the trainable parameters.
+        """
+        super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
+                         lora_target_modules, load_in_4bit, trust_remote_code, optimizer)
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.train_loss = MeanMetric()
+        self.val_ppl, self.test_ppl = Perplexity(ignore_index=-100), Perplexity(ignore_index=-100)
+
+    def _build(self) -> None:
+        self.lm = self._build_lm(self._init_state(), self.lora)
+
+    def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        out = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        return loss, logits, labels
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, _, _ = self.model_step(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite SFT loss at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str, ppl: Perplexity) -> None:
+        loss, logits, labels = self.model_step(batch)
+        ppl.update(logits, labels)
+        tokens = int((labels != -100).sum())
+        self.log(f"{stage}/loss", loss, batch_size=tokens, sync_dist=True)
+        self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_ppl)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_ppl)
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, center_coef: float) -> Tensor:
+    """``-log sigmoid(r_chosen - r_rejected)`` plus ``center_coef * (r_chosen + r_rejected)^2`` (TRL's reward
+    centring, which keeps the scores near zero mean), both averaged over pairs."""
+    return -F.logsigmoid(chosen - rejected).mean() + center_coef * ((chosen + rejected) ** 2).mean()
+
+
+class PairwiseRewardModel(_LMPhase):
+    """A scalar reward model trained on preference pairs with the Bradley-Terry loss and reward centring.
+
+    Logged metrics: ``train/loss``, ``train/acc`` (share of pairs where the chosen text scores higher),
+    ``train/margin`` (mean chosen - rejected score); ``val/loss``, ``val/acc``, ``val/margin``,
+    ``val/reward_mean`` (mean score of all texts); the same under ``test/``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "tiny-llama",
+        init_from: str | None = None,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        lora_r: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "auto",
+        load_in_4bit: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        center_coef: float = 1e-2,
+    ) -> None:
+        """
+        Args:
+            model_name: ``tiny-llama`` / ``tiny-smollm3`` (built offline from a config), a hub name or a local folder.
+            init_from: Checkpoint (usually the SFT one) whose merged LM weights start the backbone.
+            hidden_size: Width of a tiny model.
+            num_layers: Decoder layers of a tiny model.
+            num_heads: Attention heads of a tiny model.
+            lora_r: Rank of a LoRA adapter on the backbone; ``null`` trains every weight.
+            lora_alpha: LoRA scale numerator.
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Modules to adapt; ``auto`` = the attention projections of the architecture.
+            load_in_4bit: Quantise the backbone to 4-bit NF4 (needs ``lora_r``).
+            trust_remote_code: Allow code shipped with a hub model to run (off unless you opt in).
+            optimizer: Optimiser factory, called with the trainable parameters.
+            center_coef: Weight of the reward-centring term ``(r_chosen + r_rejected)^2``.
+        """
+        super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
+                         lora_target_modules, load_in_4bit, trust_remote_code, optimizer)
+        if center_coef < 0:
+            raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.reward: RewardModel | None = None
+        self.train_acc, self.val_acc, self.test_acc = BinaryAccuracy(), BinaryAccuracy(), BinaryAccuracy()
+
+    def _build(self) -> None:
+        self.lm = self._build_lm(self._init_state(), self.lora)
+        self.reward = RewardModel(self.lm)
+
+    def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        # One forward over both texts of every pair.
+        width = max(batch["chosen_ids"].shape[1], batch["rejected_ids"].shape[1])
+        ids = torch.cat([F.pad(batch[f"{k}_ids"], (0, width - batch[f"{k}_ids"].shape[1]),
+                               value=self.tokenizer.pad_token_id) for k in ("chosen", "rejected")])
+        mask = torch.cat([F.pad(batch[f"{k}_mask"], (0, width - batch[f"{k}_mask"].shape[1])) for k in
+                          ("chosen", "rejected")])
+        chosen, rejected = self.reward(ids, mask).chunk(2)
+        return bradley_terry_loss(chosen, rejected, self.hparams.center_coef), chosen, rejected
+
+    def _step(self, batch: dict[str, Tensor], stage: str, acc: BinaryAccuracy) -> Tensor:
+        loss, chosen, rejected = self.model_step(batch)
+        acc.update((chosen > rejected).float(), torch.ones_like(chosen, dtype=torch.long))
+        n = len(chosen)
+        sync = stage != "train"
+        self.log(f"{stage}/loss", loss, batch_size=n, sync_dist=sync)
+        self.log(f"{stage}/acc", acc, prog_bar=True, batch_size=n)
+        self.log(f"{stage}/margin", (chosen - rejected).mean(), batch_size=n, sync_dist=sync)
+        if stage != "train":
+            self.log(f"{stage}/reward_mean", torch.cat([chosen, rejected]).mean(), batch_size=n, sync_dist=True)
+        return loss
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train", self.train_acc)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val", self.val_acc)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "test", self.test_acc)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["reward_head"] = {k: v.detach().clone() for k, v in self.reward.head.state_dict().items()}
+
+    @torch.no_grad()
+    def score_texts(self, texts: list[str], batch_size: int = 64) -> Tensor:
+        """Scores of plain texts (encoded as the preference DataModule does: ``<bos>`` + `` text`` + ``<eos>``)."""
+        from datamodules.text_corpus import pad
+
+        tok = self.tokenizer
+        scores = []
+        for start in range(0, len(texts), batch_size):
+            seqs = [[tok.bos_token_id, *tok(" " + t, add_special_tokens=False).input_ids, tok.eos_token_id]
+                    for t in texts[start : start + batch_size]]
+            ids = pad(seqs, tok.pad_token_id).to(self.device)
+            scores.append(self.reward(ids, pad([[1] * len(s) for s in seqs], 0).to(self.device)))
+        return torch.cat(scores)
+
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's pessimistic objective ``mean(max(-A r, -A clip(r, 1 - e, 1 + e)))`` over the masked tokens, with
+    ``r = exp(logprobs - old_logprobs)``; returns ``(loss, ratio, log_ratio)``."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return masked_mean(torch.max(unclipped, clipped), mask), ratio, log_ratio
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float) -> Tensor:
+    """``0.5 * mean(max((v - R)^2, (v_old + clip(v - v_old, -e, e) - R)^2))`` over the masked tokens."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class GenerationMetrics(nn.Module):
+    """Paired comparison of the policy and the reference on the same prompts, and text statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("reward", "reward_ref", "win_rate", "kl", "response_length"):
+            setattr(self, name, MeanMetric())
+        self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
+        self.bleu = BLEUScore(n_gram=4, smooth=True)
+        self.texts: list[str] = []
+
+    def compute(self, prefix: str) -> dict[str, Tensor]:
+        out = {f"{prefix}/{n}": getattr(self, n).compute() for n in ("reward", "reward_ref", "win_rate", "kl",
+                                                                     "response_length")}
+        out[f"{prefix}/reward_delta"] = out[f"{prefix}/reward"] - out[f"{prefix}/reward_ref"]
+        if self.texts:
+            rouge = self.rouge.compute()
+            out |= {f"{prefix}/rouge1": rouge["rouge1_fmeasure"], f"{prefix}/rouge2": rouge["rouge2_fmeasure"],
+                    f"{prefix}/rougeL": rouge["rougeL_fmeasure"], f"{prefix}/bleu": self.bleu.compute(),
+                    f"{prefix}/distinct_1": torch.tensor(distinct_n(self.texts, 1)),
+                    f"{prefix}/distinct_2": torch.tensor(distinct_n(self.texts, 2))}
+        return out
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+        self.texts = []
+
+
+class PPORLHF(_LMPhase):
+    """PPO of a LoRA adapter on the SFT model against a frozen reward model, with manual optimisation.
+
+    Every ``ppo_epochs * rollout_batch // minibatch_size`` training steps form one PPO iteration: its first step
+    samples responses to a batch of prompts (no gradients) and scores them with the reward model at the last
+    token; the per-token reward is ``-kl_coef * (log pi - log pi_ref)`` (reference = the policy with its adapter
+    disabled, i.e. the SFT model) plus the clipped score on the last token; GAE (``lightning_modules.rl``) gives
+    advantages and returns. Each training step is then one optimiser step on one minibatch: advantages normalised
+    over the minibatch, clipped policy and value losses, global grad-norm clipping. The iteration stops early when
+    the approximate KL (k3) to the rollout policy passes ``1.5 * target_kl``; a non-finite loss rolls the adapter,
+    value head and optimiser back to the start of the iteration (``max_rollbacks`` in a row stop training). The
+    KL coefficient adapts after each rollout (Ziegler et al.) to keep the sequence KL near ``kl_target``.
+
+    Logged metrics: ``train/score`` (reward-model score of the samples), ``train/kl`` (sequence KL to the
+    reference), ``train/kl_coef``, ``train/policy_loss``, ``train/value_loss``, ``train/approx_kl``,
+    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
+    ``train/rollout_tokens_per_s``; validation and test compare the policy with the reference on the same prompts:
+    ``val/reward``, ``val/reward_ref``, ``val/reward_delta``, ``val/win_rate`` (paired, ties count half),
+    ``val/kl``, ``val/response_length``; test adds ``test/rouge1|2|L``, ``test/bleu``, ``test/distinct_1|2``
+    against the held-out completions.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "tiny-llama",
+        init_from: str | None = None,
+        reward_model_from: str | None = None,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        lora_r: int | None = 16,
+        lora_alpha: float = 32.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "auto",
+        load_in_4bit: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        ppo_epochs: int = 2,
+        minibatch_size: int = 16,
+        gamma: float = 1.0,
+        gae_lambda: float = 0.95,
+        clip_range: float = 0.2,
+        clip_range_value: float = 0.2,
+        value_coef: float = 0.1,
+        entropy_coef: float = 0.0,
+        max_grad_norm: float = 0.5,
+        kl_coef: float = 0.2,
+        kl_target: float | None = 2.0,
+        kl_horizon: int = 2000,
+        kl_estimator: str = "k1",
+        target_kl: float | None = 0.1,
+        reward_clip: float = 3.0,
+        missing_eos_penalty: float | None = 1.0,
+        max_mean_ratio: float = 5.0,
+        max_rollbacks: int = 5,
+        eval_temperature: float | None = None,
+    ) -> None:
+        """
+        Args:
+            model_name: ``tiny-llama`` / ``tiny-smollm3`` (built offline from a config), a hub name or a local folder.
+            init_from: SFT checkpoint whose merged weights are the reference model (``null``: the base model).
+            reward_model_from: Reward-model checkpoint (``null``: an untrained reward model, for smoke tests only).
+            hidden_size: Width of a tiny model.
+            num_layers: Decoder layers of a tiny model.
+            num_heads: Attention heads of a tiny model.
+            lora_r: Rank of the policy's LoRA adapter; ``null`` trains every weight against a frozen copy.
+            lora_alpha: LoRA scale numerator.
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Modules to adapt; ``auto`` = the attention projections of the architecture.
+            load_in_4bit: Quantise the policy's base to 4-bit NF4 (needs ``lora_r``).
+            trust_remote_code: Allow code shipped with a hub model to run (off unless you opt in).
+            optimizer: Optimiser factory (Adam eps 1e-5 is the PPO custom), called with the trainable parameters.
+            max_new_tokens: Longest sampled response.
+            temperature: Sampling temperature; the log-probs are those of the tempered distribution.
+            ppo_epochs: Passes over each rollout batch.
+            minibatch_size: Responses per optimiser step (per device).
+            gamma: Discount over response tokens.
+            gae_lambda: GAE bias/variance trade-off.
+            clip_range: PPO policy ratio clip.
+            clip_range_value: Value clip around the rollout's values.
+            value_coef: Weight of the value loss.
+            entropy_coef: Weight of an entropy bonus.
+            max_grad_norm: Global gradient-norm clip.
+            kl_coef: Initial weight of the per-token KL penalty.
+            kl_target: Sequence KL the adaptive controller aims at (``null``: a fixed ``kl_coef``).
+            kl_horizon: Controller horizon in sampled responses (smaller adapts faster).
+            kl_estimator: Per-token KL in the reward: ``k1`` (log-ratio) or ``k3`` (non-negative, lower variance).
+            target_kl: Stop an iteration's remaining minibatches once approx-KL > 1.5 x this (``null``: never).
+            reward_clip: Clip the reward-model score to +- this.
+            missing_eos_penalty: Subtracted from the score of responses that never emit ``<eos>`` (``null``: none).
+            max_mean_ratio: Skip a minibatch whose mean policy ratio exceeds this (a sign of divergence).
+            max_rollbacks: Consecutive non-finite rollbacks before training stops with an error.
+            eval_temperature: Sampling temperature of validation/test generations (``null``: ``temperature``).
+        """
+        super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
+                         lora_target_modules, load_in_4bit, trust_remote_code, optimizer)
+        given = dict(locals())
+        checks = {
+            "max_new_tokens": max_new_tokens >= 1, "temperature": temperature > 0, "ppo_epochs": ppo_epochs >= 1,
+            "minibatch_size": minibatch_size >= 1, "gamma": 0 <= gamma <= 1, "gae_lambda": 0 <= gae_lambda <= 1,
+            "clip_range": clip_range > 0, "clip_range_value": clip_range_value > 0, "value_coef": value_coef >= 0,
+            "max_grad_norm": max_grad_norm > 0, "kl_coef": kl_coef >= 0, "kl_horizon": kl_horizon > 0,
+            "kl_target": kl_target is None or kl_target > 0, "target_kl": target_kl is None or target_kl > 0,
+            "reward_clip": reward_clip > 0, "kl_estimator": kl_estimator in ("k1", "k3"),
+            "max_rollbacks": max_rollbacks >= 1, "max_mean_ratio": max_mean_ratio > 1,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid PPO settings: {', '.join(f'{n}={given[n]!r}' for n in bad)}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False
+        self.register_buffer("kl_coef_value", torch.tensor(float(kl_coef)))
+        self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
+        self.reward_model: RewardModel | None = None
+        self.value_head: ScalarHead | None = None
+        self.reference: nn.Module | None = None
+        self.val_metrics, self.test_metrics = GenerationMetrics(), GenerationMetrics()
+        self._queue: list[Tensor] = []
+        self._buffer: dict[str, Tensor] | None = None
+        self._snapshot: tuple[dict, dict] | None = None
+        self.rollbacks = 0
+
+    # --- building ---------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        hp = self.hparams
+        state = self._init_state()
+        self.lm = self._build_lm(state, self.lora)
+        if self.lora is None:  # full fine-tuning: the reference is a frozen copy of the starting weights
+            self.reference = copy.deepcopy(self.lm).requires_grad_(False).eval()
+        self.value_head = ScalarHead(hidden_size_of(self.lm), zero_init=True)
+        if hp.reward_model_from is None:
+            rank_zero_warn("reward_model_from is null: PPO optimises an untrained reward model (smoke tests only)")
+            rm_lm, head = self._build_lm(None, None), None
+        else:
+            checkpoint = load_phase_checkpoint(hp.reward_model_from)
+            if "reward_head" not in checkpoint:
+                raise ValueError(f"{hp.reward_model_from!r} is not a reward-model checkpoint (no reward_head)")
+            rm_hp = checkpoint.get("hyper_parameters", {})
+            sizes = {k: rm_hp[k] for k in ("model_name", "hidden_size", "num_layers", "num_heads") if k in rm_hp}
+            rm_lm, head = self._build_lm(checkpoint["merged_lm"], None, **sizes), checkpoint["reward_head"]
+        self.reward_model = RewardModel(rm_lm)
+        if head is not None:
+            self.reward_model.head.load_state_dict(head)
+        self.reward_model.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.reward_model, self.reference):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The frozen reward model and reference are rebuilt from their own checkpoints.
+        for key in [k for k in checkpoint["state_dict"] if k.startswith(("reward_model.", "reference."))]:
+            del checkpoint["state_dict"][key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = self.state_dict()
+        for key in state:
+            if key.startswith(("reward_model.", "reference.")):
+                checkpoint["state_dict"][key] = state[key]
+        self._queue, self._buffer = [], None  # a resumed run starts a fresh iteration
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in [*self.lm.parameters(), *self.value_head.parameters()] if p.requires_grad]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.trainable_parameters())
+
+    # --- acting -----------------------------------------------------------------------------------------------
+    def _reference_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:
+        temperature = self.hparams.temperature
+        if self.reference is not None:
+            return response_logprobs(self.reference, ids, mask, prompt_length, temperature)[0]
+        with self.lm.disable_adapter():
+            return response_logprobs(self.lm, ids, mask, prompt_length, temperature)[0]
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, reference: bool = False, greedy: bool = False,
+                 temperature: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Responses ``(tokens, mask)`` of the policy (or of the reference) to left-padded prompts."""
+        tok = self.tokenizer
+        kwargs = dict(max_new_tokens=self.hparams.max_new_tokens, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, temperature=temperature or self.hparams.temperature,
+                      greedy=greedy, generator=generator)
+        if reference and self.reference is not None:
+            return sample(self.reference, prompt_ids, prompt_mask, **kwargs)
+        if reference:
+            with self.lm.disable_adapter():
+                return sample(self.lm, prompt_ids, prompt_mask, **kwargs)
+        return sample(self.lm, prompt_ids, prompt_mask, **kwargs)
+
+    @torch.no_grad()
+    def score(self, prompt_ids: Tensor, prompt_mask: Tensor, response: Tensor, response_mask: Tensor) -> Tensor:
+        """Raw reward-model scores of prompt + response (read at the last real token)."""
+        ids = torch.cat([prompt_ids, response], 1)
+        mask = torch.cat([prompt_mask, response_mask.long()], 1)
+        return self.reward_model(ids, mask)
+
+    def _kl(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+        log_ratio = logprobs - ref_logprobs
+        if self.hparams.kl_estimator == "k3":
+            return (-log_ratio).exp() - 1 + log_ratio
+        return log_ratio
+
+    @torch.no_grad()
+    def collect(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One rollout batch with everything PPO needs (no gradients)."""
+        hp = self.hparams
+        generator = torch.Generator(device=self.device).manual_seed(
+            int(self.sampling_seed) + 1_000_003 * self.global_rank + 7_919 * self.global_step)
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        start = time.perf_counter()
+        response, response_mask = self.generate(prompt_ids, prompt_mask, generator=generator)
+        seconds = time.perf_counter() - start
+        ids = torch.cat([prompt_ids, response], 1)
+        mask = torch.cat([prompt_mask, response_mask.long()], 1)
+        p = prompt_ids.shape[1]
+        logprobs, _, hidden = response_logprobs(self.lm, ids, mask, p, hp.temperature, with_hidden=True)
+        values = self.value_head(hidden)
+        ref_logprobs = self._reference_logprobs(ids, mask, p)
+        raw_score = self.reward_model(ids, mask)
+        score = raw_score
+        if hp.missing_eos_penalty is not None:
+            has_eos = ((response == self.tokenizer.eos_token_id) & response_mask).any(1)
+            score = score - hp.missing_eos_penalty * (~has_eos).float()
+        score = score.clamp(-hp.reward_clip, hp.reward_clip)
+        rmask = response_mask.float()
+        kl = self._kl(logprobs, ref_logprobs) * rmask
+        rewards = -self.kl_coef_value * kl
+        last = (response_mask.long().cumsum(1).argmax(1))  # index of the last response token
+        rewards[torch.arange(len(rewards)), last] += score
+        advantages, returns = gae(rewards, values * rmask, rmask, hp.gamma, hp.gae_lambda)
+        return {"ids": ids, "mask": mask, "response_mask": response_mask, "logprobs": logprobs,
+                "values": values * rmask,
+                "advantages": advantages, "returns": returns, "score": raw_score, "kl": kl.sum(1),
+                "tokens_per_s": torch.tensor(float(response_mask.sum()) / max(seconds, 1e-9)),
+                "prompt_length": torch.tensor(p)}
+
+    # --- learning ---------------------------------------------------------------------------------------------
+    def ppo_losses(self, mb: dict[str, Tensor], prompt_length: int) -> dict[str, Tensor]:
+        """Clipped policy and value losses of one minibatch (advantages normalised over its tokens)."""
+        hp = self.hparams
+        rmask = mb["response_mask"]
+        logprobs, entropy, hidden = response_logprobs(self.lm, mb["ids"], mb["mask"], prompt_length, hp.temperature,
+                                                      with_hidden=True)
+        values = self.value_head(hidden)
+        advantages = masked_normalize(mb["advantages"], rmask)
+        policy_loss, ratio, log_ratio = clipped_policy_loss(logprobs, mb["logprobs"], advantages, rmask, hp.clip_range)
+        value_loss = clipped_value_loss(values, mb["values"], mb["returns"], rmask, hp.clip_range_value)
+        entropy = masked_mean(entropy, rmask)
+        loss = policy_loss + hp.value_coef * value_loss - hp.entropy_coef * entropy
+        with torch.no_grad():
+            approx_kl = masked_mean(ratio - 1 - log_ratio, rmask)
+            clip_frac = masked_mean(((ratio - 1).abs() > hp.clip_range).float(), rmask)
+            mean_ratio = masked_mean(ratio, rmask)
+        return {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
+                "approx_kl": approx_kl, "clip_frac": clip_frac, "mean_ratio": mean_ratio}
+
+    def _reduce(self, value: Tensor) -> float:
+        """Mean over devices, so that every rank takes the same decision."""
+        return float(self.trainer.strategy.reduce(value.detach().float(), reduce_op="mean"))
+
+    def _start_iteration(self, batch: dict[str, Tensor]) -> None:
+        hp = self.hparams
+        optimizer = self.optimizers()
+        self._snapshot = ({k: v.detach().clone() for k, v in self._trainable_state().items()},
+                          copy.deepcopy(optimizer.optimizer.state_dict()))
+        self._buffer = self.collect(batch)
+        n = len(self._buffer["ids"])
+        size = min(hp.minibatch_size, n)
+        generator = torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step)
+        self._queue = [chunk for _ in range(hp.ppo_epochs) for chunk in torch.randperm(n, generator=generator)
+                       .split(size) if len(chunk) == size]
+        kl = self._reduce(self._buffer["kl"].mean())
+        if hp.kl_target is not None:
+            controller = AdaptiveKLController(float(self.kl_coef_value), hp.kl_target, hp.kl_horizon)
+            self.kl_coef_value.fill_(controller.update(kl, n * self.trainer.world_size))
+        logs = {"train/score": self._buffer["score"].mean(), "train/kl": torch.tensor(kl),
+                "train/kl_coef": self.kl_coef_value.clone(),
+                "train/response_length": self._buffer["response_mask"].float().sum(1).mean(),
+                "train/rollout_tokens_per_s": self._buffer["tokens_per_s"]}
+        self.log("train/score", logs.pop("train/score"), prog_bar=True, batch_size=n)
+        self.log_dict(logs, batch_size=n)
+
+    def _trainable_state(self) -> dict[str, Tensor]:
+        names = {id(p) for p in self.trainable_parameters()}
+        return {k: p for k, p in self.named_parameters() if id(p) in names}
+
+    def _rollback(self, reason: str) -> None:
+        self.rollbacks += 1
+        rank_zero_warn(f"PPO: {reason} at step {self.global_step}; iteration rolled back ({self.rollbacks} in a row)")
+        if self.rollbacks >= self.hparams.max_rollbacks:
+            raise FloatingPointError(f"PPO: {self.rollbacks} consecutive non-finite iterations; stopping ({reason})")
+        params, opt_state = self._snapshot
+        with torch.no_grad():
+            for name, p in self._trainable_state().items():
+                p.copy_(params[name])
+        self.optimizers().optimizer.load_state_dict(opt_state)
+        self._queue, self._buffer = [], None
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        hp = self.hparams
+        if not self._queue:
+            self._start_iteration(batch)
+            if not all(torch.isfinite(self._buffer[k]).all() for k in ("logprobs", "values", "advantages", "score")):
+                self._rollback("non-finite rollout")
+                return
+        index = self._queue.pop(0)
+        prompt_length = int(self._buffer["prompt_length"])
+        mb = {k: v[index] for k, v in self._buffer.items() if v.dim() > 0 and k not in ("tokens_per_s",)}
+        losses = self.ppo_losses(mb, prompt_length)
+        if not math.isfinite(self._reduce(losses["loss"])):
+            self._rollback("non-finite loss")
+            return
+        if self._reduce(losses["mean_ratio"]) > hp.max_mean_ratio:
+            ratio = float(losses["mean_ratio"])
+            rank_zero_warn(f"PPO: mean ratio {ratio:.2f} > {hp.max_mean_ratio}; minibatch skipped")
+            return
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(losses["loss"])
+        self.clip_gradients(optimizer, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        if not all(torch.isfinite(p).all() for p in self.trainable_parameters()):
+            self._rollback("non-finite weights")
+            return
+        self.rollbacks = 0
+        if hp.target_kl is not None and self._reduce(losses["approx_kl"]) > 1.5 * hp.target_kl:
+            self._queue = []  # early stop: the next step samples a new rollout
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=len(index))
+        self.log("train/rollbacks", float(self.rollbacks), batch_size=len(index))
+
+    # --- evaluation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compare(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> dict[str, Any]:
+        """Policy and reference responses to the same prompts, their scores, the policy's KL and its texts."""
+        hp = self.hparams
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
+        temperature = hp.eval_temperature or hp.temperature
+        seed = None if generator is None else generator.initial_seed()
+        gens = [torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None for _ in range(2)]
+        response, rmask = self.generate(prompt_ids, prompt_mask, temperature=temperature, generator=gens[0])
+        ref_response, ref_mask = self.generate(prompt_ids, prompt_mask, reference=True, temperature=temperature,
+                                               generator=gens[1])
+        reward = self.score(prompt_ids, prompt_mask, response, rmask)
+        reward_ref = self.score(prompt_ids, prompt_mask, ref_response, ref_mask)
+        ids = torch.cat([prompt_ids, response], 1)
+        mask = torch.cat([prompt_mask, rmask.long()], 1)
+        p = prompt_ids.shape[1]
+        logprobs = response_logprobs(self.lm, ids, mask, p, temperature)[0]
+        ref_logprobs = self._reference_logprobs(ids, mask, p) if temperature == hp.temperature else \
+            response_logprobs(self.lm, ids, mask, p, temperature)[0]
+        kl = ((logprobs - ref_logprobs) * rmask).sum(1)
+        texts = [self.tokenizer.decode(r[m], skip_special_tokens=True).strip() for r, m in zip(response, rmask)]
+        return {"reward": reward, "reward_ref": reward_ref, "kl": kl, "length": rmask.float().sum(1), "texts": texts}
+
+    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, metrics: GenerationMetrics, text: bool) -> None:
+        generator = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1))
+        out = self.compare(batch, generator)
+        wins = (out["reward"] > out["reward_ref"]).float() + 0.5 * (out["reward"] == out["reward_ref"]).float()
+        metrics.reward.update(out["reward"])
+        metrics.reward_ref.update(out["reward_ref"])
+        metrics.win_rate.update(wins)
+        metrics.kl.update(out["kl"])
+        metrics.response_length.update(out["length"])
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if text and hasattr(datamodule, "reference"):
+            references = [datamodule.reference(int(i)) for i in batch["index"]]
+            metrics.rouge.update(out["texts"], references)
+            metrics.bleu.update(out["texts"], [[r] for r in references])
+            metrics.texts += out["texts"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.val_metrics, text=False)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, self.test_metrics, text=True)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute("val")
+        self.val_metrics.reset()
+        self.log("val/win_rate", values.pop("val/win_rate"), prog_bar=True)
+        self.log_dict(values)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute("test"))
+        self.test_metrics.reset()

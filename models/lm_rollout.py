@@ -1,0 +1,158 @@
+"""Pieces shared by the RLHF phases that are plain tensors and ``nn.Module``s: batched sampling with a KV cache,
+per-token log-probabilities, last-token pooling, a scalar head on a causal LM (reward model, value head), the
+adaptive KL controller and text-diversity statistics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(-1).values.clamp_min(0)
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = model.config
+    return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """``cache`` (transformers >= 5) or ``past_key_values`` (older), whichever the model's forward takes."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out) -> object:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Continue left-padded prompts ``[B, P]``; returns ``(tokens, mask)`` ``[B, R]``.
+
+    Tokens are drawn from ``softmax(logits / temperature)`` with no top-k / top-p truncation, so the log-probs
+    that PPO recomputes with the same temperature are those of the sampling distribution. ``mask`` marks the tokens
+    up to and including each row's ``<eos>``; later positions hold ``pad_token_id``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = prompt_mask.long()
+    cache_arg = _cache_argument(model)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens, valid = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        valid.append(~finished)
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if finished.all():
+            break
+        mask = torch.cat([mask, valid[-1].long().unsqueeze(1)], dim=1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=(mask.sum(-1, keepdim=True) - 1),
+            use_cache=True,
+            **{cache_arg: _cache_of(out)},
+        )
+    return torch.stack(tokens, 1), torch.stack(valid, 1)
+
+
+def response_logprobs(
+    model: nn.Module, ids: Tensor, mask: Tensor, prompt_length: int, temperature: float = 1.0,
+    with_hidden: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Log-probs and entropies ``[B, R]`` of the response tokens ``ids[:, prompt_length:]`` under ``model`` (logits
+    divided by ``temperature``), and the last hidden states of the positions that predict them when asked."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=with_hidden)
+    logits = out.logits[:, prompt_length - 1 : -1].float() / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    chosen = log_probs.gather(-1, ids[:, prompt_length:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    hidden = out.hidden_states[-1][:, prompt_length - 1 : -1] if with_hidden else None
+    return chosen, entropy, hidden
+
+
+class ScalarHead(nn.Module):
+    """A linear map from hidden states to one number (zero-initialised when ``zero_init``)."""
+
+    def __init__(self, hidden_size: int, zero_init: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        if zero_init:
+            nn.init.zeros_(self.linear.weight)
+        else:
+            nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+class RewardModel(nn.Module):
+    """A causal LM backbone and a scalar head read at each sequence's last real token."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        self.head = ScalarHead(hidden_size_of(lm))
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=True)
+        hidden = out.hidden_states[-1]
+        last = last_token_index(mask)
+        return self.head(hidden[torch.arange(len(ids), device=ids.device), last])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): move the KL coefficient so that the measured KL tracks ``target``.
+
+    ``coef <- coef * (1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon)``.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        if init_coef < 0 or target <= 0 or horizon <= 0:
+            raise ValueError("init_coef must be >= 0, target and horizon > 0")
+        self.value, self.target, self.horizon = init_coef, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> float:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-N: unique word n-grams over all word n-grams of the texts (0 when there are none)."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0

@@ -1,0 +1,253 @@
+"""RLHF math against hand computations, sampling, the reference model, rollback and the SFT -> RM -> PPO chain."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+
+from datamodules.text_corpus import PreferenceDataModule, PromptDataModule, TextCorpusDataModule
+from experiment.cli import main
+from lightning_modules.rlhf import (
+    PPORLHF,
+    CausalLMSFT,
+    PairwiseRewardModel,
+    bradley_terry_loss,
+    clipped_policy_loss,
+    clipped_value_loss,
+    load_phase_checkpoint,
+)
+from models.lm_factory import build_causal_lm
+from models.lm_rollout import (
+    AdaptiveKLController,
+    distinct_n,
+    last_token_index,
+    position_ids,
+    response_logprobs,
+    sample,
+)
+from tests.conftest import REPO
+
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+DATA = dict(num_stories=120, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tokenizers"))
+
+
+@pytest.fixture(scope="module")
+def prompts(cache):
+    return PromptDataModule(**DATA, tokenizer_cache=cache, batch_size=8, eval_batch_size=8, batches_per_epoch=4)
+
+
+# --- math -----------------------------------------------------------------------------------------------------
+def test_bradley_terry_loss_with_centring_matches_hand_computation():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    expected = (-math.log(1 / (1 + math.exp(-1))) - math.log(1 / (1 + math.exp(1)))) / 2 + 0.01 * (1 + 1) / 2
+    assert bradley_terry_loss(chosen, rejected, 0.01).item() == pytest.approx(expected, rel=1e-6)
+    # d/dc = -sigmoid(r - c) + 0.01 * 2 * (c + r): centring pulls a pair with high scores back towards zero.
+    high = torch.tensor([5.0], requires_grad=True)
+    bradley_terry_loss(high, torch.tensor([4.0]), 0.01).backward()
+    assert high.grad.item() == pytest.approx(-F.sigmoid(torch.tensor(-1.0)).item() + 0.18, rel=1e-5)
+
+
+def test_clipped_policy_loss_matches_hand_computation():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    loss, ratio, _ = clipped_policy_loss(new, old, adv, mask, clip_range=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2 (clipped); token 1: max(0.5, 0.8) = 0.8 (clipped, pessimistic)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 2, abs=1e-6)
+    assert ratio[0, 2].item() == 1.0  # padding has ratio 1
+
+
+def test_clipped_value_loss_matches_hand_computation():
+    values, old, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 0.5]])
+    mask = torch.ones(1, 2)
+    # token 0: clipped value 0.2 -> max((1-2)^2, (0.2-2)^2) = 3.24; token 1: max(0.25, 0.25)
+    assert clipped_value_loss(values, old, returns, mask, 0.2).item() == pytest.approx(0.5 * (3.24 + 0.25) / 2)
+
+
+def test_adaptive_kl_controller_moves_towards_the_target():
+    controller = AdaptiveKLController(0.2, target=2.0, horizon=100)
+    assert controller.update(2.0, n_steps=10) == pytest.approx(0.2)  # on target: unchanged
+    assert controller.update(8.0, n_steps=10) == pytest.approx(0.2 * (1 + 0.2 * 0.1))  # error clipped to +0.2
+    value = controller.value
+    assert controller.update(1.8, n_steps=10) == pytest.approx(value * (1 - 0.1 * 0.1))  # kl/target - 1 = -0.1
+    value = controller.value
+    assert controller.update(0.0, n_steps=10) == pytest.approx(value * (1 - 0.2 * 0.1))  # -1 clipped to -0.2
+    with pytest.raises(ValueError):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_distinct_n_and_padding_helpers():
+    assert distinct_n(["a b a b", "a b"], 1) == pytest.approx(2 / 6)
+    assert distinct_n(["a b a b", "a b"], 2) == pytest.approx(2 / 4)  # ab, ba, ab + ab: 2 unique of 4
+    mask = torch.tensor([[0, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [3, 4]
+    assert position_ids(mask)[0, 2:4].tolist() == [0, 1]
+
+
+# --- sampling and log-probs -----------------------------------------------------------------------------------
+def test_cached_sampling_matches_full_forward_and_ignores_left_padding(prompts):
+    torch.manual_seed(0)
+    tok = prompts.tokenizer
+    lm = build_causal_lm("tiny-llama", tok, **TINY).eval()
+    ids = torch.tensor([prompts.encode_prompt("Once upon a time, there was a cat named Tom.")])
+    out, mask = sample(lm, ids, torch.ones_like(ids), 12, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    # Greedy decoding without a cache, one full forward per token.
+    seq = ids
+    for _ in range(out.shape[1]):
+        seq = torch.cat([seq, lm(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(seq[:, ids.shape[1]:], out) and mask.all()
+    padded = torch.cat([torch.full((1, 3), tok.pad_token_id), ids], 1)
+    padded_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    out_padded, _ = sample(lm, padded, padded_mask, 12, tok.eos_token_id, tok.pad_token_id, greedy=True)
+    assert torch.equal(out_padded, out)
+
+
+def test_sampling_stops_at_eos_and_logprobs_use_the_temperature(prompts):
+    tok = prompts.tokenizer
+    lm = build_causal_lm("tiny-llama", tok, **TINY).eval()
+
+    class EosSecond(torch.nn.Module):  # the first token is sampled, the second is <eos>
+        def __init__(self):
+            super().__init__()
+            self.lm, self.config = lm, lm.config
+
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            out = self.lm(input_ids=input_ids, cache=cache, **kwargs)
+            if input_ids.shape[1] == 1:
+                out.logits[..., tok.eos_token_id] += 100.0
+            return out
+
+    batch = next(iter(prompts.test_dataloader()))
+    out, mask = sample(EosSecond(), batch["prompt_ids"], batch["prompt_mask"], 5, tok.eos_token_id,
+                       tok.pad_token_id, temperature=2.0)
+    assert out.shape[1] == 2 and (out == tok.eos_token_id).any(1).all()  # stops once every row has ended
+    first_eos = (out == tok.eos_token_id).float().argmax(1)
+    for row, end in enumerate(first_eos.tolist()):
+        assert mask[row, : end + 1].all() and not mask[row, end + 1 :].any()
+        assert (out[row, end + 1 :] == tok.pad_token_id).all()
+    ids = torch.cat([batch["prompt_ids"], out], 1)
+    full_mask = torch.cat([batch["prompt_mask"], mask.long()], 1)
+    p = batch["prompt_ids"].shape[1]
+    logprobs, _, _ = response_logprobs(lm, ids, full_mask, p, temperature=2.0)
+    logits = lm(input_ids=ids, attention_mask=full_mask, position_ids=position_ids(full_mask)).logits
+    manual = torch.log_softmax(logits[:, p - 1 : -1] / 2.0, -1).gather(-1, out.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(logprobs, manual, atol=1e-5)
+
+
+# --- modules --------------------------------------------------------------------------------------------------
+def _ppo(prompts, **kwargs):
+    module = PPORLHF(**TINY, max_new_tokens=8, minibatch_size=4, ppo_epochs=1, **kwargs)
+    module.build(prompts.tokenizer)
+    return module
+
+
+def test_ppo_reference_is_the_policy_without_adapter_and_value_head_starts_at_zero(prompts):
+    module = _ppo(prompts, lora_r=4)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    batch = next(iter(prompts.test_dataloader()))
+    rollout = module.collect(batch)
+    assert torch.equal(rollout["kl"], torch.zeros_like(rollout["kl"]))  # LoRA B = 0: policy == reference
+    assert torch.equal(rollout["values"], torch.zeros_like(rollout["values"]))
+    # Returns = score at the last token (gamma 1, no KL yet): every token's return is the clipped final reward.
+    rmask = rollout["response_mask"]
+    assert torch.allclose(rollout["returns"][rmask].max(), rollout["returns"][rmask].max())
+    with torch.no_grad():
+        for name, p in module.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    assert module.collect(batch)["kl"].abs().sum() > 0
+
+
+def test_invalid_ppo_settings_fail_clearly():
+    with pytest.raises(ValueError, match="clip_range=-0.1"):
+        PPORLHF(clip_range=-0.1)
+    with pytest.raises(ValueError, match="kl_estimator"):
+        PPORLHF(kl_estimator="k2")
+    with pytest.raises(ValueError, match="LoRA"):
+        CausalLMSFT(load_in_4bit=True)
+
+
+def _fit(module, datamodule, root, **trainer_kwargs):
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                      **trainer_kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    return trainer
+
+
+def test_ppo_trains_only_the_adapter_and_value_head(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, target_kl=None)
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = _fit(module, prompts, tmp_path, max_steps=3, limit_val_batches=0, enable_checkpointing=False)
+    assert trainer.global_step == 3
+    assert all(torch.equal(p, frozen[n]) for n, p in module.named_parameters() if n in frozen)
+    moved = [n for n, p in module.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    assert any("lora_" in n for n in moved) and any("value_head" in n for n in moved)
+
+
+def test_non_finite_rewards_roll_back_and_stop(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, max_rollbacks=3)
+    with torch.no_grad():
+        module.reward_model.head.linear.bias.fill_(float("nan"))
+    start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    with pytest.raises(FloatingPointError, match="3 consecutive"):
+        _fit(module, prompts, tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=False)
+    assert all(torch.equal(p, start[n]) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def test_sft_lowers_perplexity(cache, tmp_path):
+    torch.manual_seed(0)
+    data = TextCorpusDataModule(**DATA, tokenizer_cache=cache, batch_size=16, eval_batch_size=64)
+    sft = CausalLMSFT(**TINY, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
+    sft.build(data.tokenizer)
+    before = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        sft, datamodule=data, verbose=False)[0]["val/ppl"]
+    _fit(sft, data, tmp_path, max_epochs=8, enable_checkpointing=False, limit_val_batches=0)
+    after = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        sft, datamodule=data, verbose=False)[0]["val/ppl"]
+    assert after < 0.2 * before
+
+
+def test_phases_chain_through_checkpoints(cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+              "--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320",
+              "--data.init_args.tokenizer_cache", cache, "--model.init_args.hidden_size", "32",
+              "--model.init_args.num_layers", "1", "--model.init_args.num_heads", "2"]
+    sft = main(["fit", "--config", str(REPO / "configs/rlhf/sft.yaml"), *common])
+    sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
+    merged = load_phase_checkpoint(sft_ckpt)["merged_lm"]
+    rm = main(["fit", "--config", str(REPO / "configs/rlhf/reward.yaml"), *common, "--trainer.max_steps", "0",
+               "--model.init_args.init_from", sft_ckpt])
+    # max_steps 0: the reward model's backbone is exactly the SFT model
+    rm_state = rm.model.lm.state_dict()
+    assert all(torch.equal(rm_state[k], v) for k, v in merged.items())
+    rm = main(["fit", "--config", str(REPO / "configs/rlhf/reward.yaml"), *common, "--model.init_args.init_from",
+               sft_ckpt])
+    rm_ckpt = rm.trainer.checkpoint_callback.last_model_path
+    ppo = main(["fit", "--config", str(REPO / "configs/rlhf/ppo.yaml"), *common, "--model.init_args.init_from",
+                sft_ckpt, "--model.init_args.reward_model_from", rm_ckpt, "--model.init_args.max_new_tokens", "8",
+                "--data.init_args.eval_batch_size", "8"])
+    head = load_phase_checkpoint(rm_ckpt)["reward_head"]
+    assert torch.equal(ppo.model.reward_model.head.linear.weight, head["linear.weight"])
+    with ppo.model.lm.disable_adapter():  # the reference is the SFT model
+        ref = ppo.model.lm.state_dict()
+    assert all(torch.equal(ref[k.replace("model.", "base_model.model.model.", 1)
+                               if f"base_model.model.{k}" not in ref else f"base_model.model.{k}"], v)
+               for k, v in merged.items() if "proj" not in k)
+    metrics = ppo.trainer.validate(ppo.model, datamodule=ppo.datamodule, verbose=False)[0]
+    assert 0.0 <= metrics["val/win_rate"] <= 1.0 and metrics["val/kl"] >= 0.0
+    with pytest.raises(FileNotFoundError, match="missing.ckpt"):
+        PairwiseRewardModel(init_from="missing.ckpt").build(PreferenceDataModule(**DATA, tokenizer_cache=cache)
+                                                             .tokenizer)
