@@ -1,0 +1,224 @@
+"""Benchmark of LeWorld: the two baselines and the three phases on 3 seeds, ablations, and batched vs per-sample speed.
+
+    python bench/leworld.py [--seeds 0 1 2] [--ablation-seeds 0] [--jobs 1] [--out bench/results]
+
+For each seed (``seed_everything`` and the task seed): the no-memory and oracle baselines, then Phase 1 -> Phase 2
+-> Phase 3, each phase starting from the previous one's checkpoint, all with the default CPU configs
+(``configs/leworld/*.yaml``); every model is then tested on the held-out test sequences. For the ablation seeds,
+also "without Phase 1" (Phase 2 from scratch for the steps of Phases 1 + 2) and "without Phase 3" (Phase 2
+continued for Phase 3's steps). ``gap_closed = (mse_no_memory - mse_system) / (mse_no_memory - mse_oracle)`` per
+seed, with the system after Phase 3.
+
+Speed, in the same run: reading 4,096 ranges from the 65,536 x 32 memory with prefix sums vs slicing one range at a
+time, and one Phase 2 training step (batch 64, default CPU sizes) with batched reads vs per-sample reads (hard and
+soft paths looped over samples, as the seed did).
+
+Writes ``<out>/leworld.json`` and ``docs/figures/leworld_horizon_mse.png``; the last line printed is
+``leworld: gap_closed=<mean over seeds> hit_rate=<mean test hit rate> read_speedup=<x> step_speedup=<x>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from datamodules.leworld_data import LeWorldDataModule  # noqa: E402
+from experiment.cli import main  # noqa: E402
+from lightning_modules.leworld import LeWorldPhase2  # noqa: E402
+from models.leworld import ArtificialMemory, LeWorldSystem  # noqa: E402
+
+CONFIGS = REPO / "configs" / "leworld"
+HORIZONS = 4
+
+
+def fit_and_test(config: str, seed: int, folder: str, init_from: str | None = None, extra: list[str] = ()) -> dict:
+    """Fit one config (checkpoint into ``folder``), test the final weights; returns test metrics and time."""
+    args = ["fit", "--config", str(CONFIGS / config), "--seed_everything", str(seed),
+            "--data.init_args.seed", str(seed), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", "--trainer.default_root_dir", folder,
+            "--trainer.callbacks.init_args.dirpath", folder, *extra]
+    if init_from is not None:
+        args += ["--model.init_args.init_from", init_from]
+    start = time.perf_counter()
+    run = main(args)
+    seconds = time.perf_counter() - start
+    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
+    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("test/")}
+    checkpoint = run.trainer.checkpoint_callback.best_model_path or run.trainer.checkpoint_callback.last_model_path
+    return {"seconds": seconds, "steps": run.trainer.global_step, "test": metrics, "checkpoint": checkpoint}
+
+
+def run_seed(seed: int, ablations: bool) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        out = {name: fit_and_test(f"{name}.yaml", seed, f"{folder}/{name}") for name in ("no_memory", "oracle")}
+        out["phase1"] = fit_and_test("phase1.yaml", seed, f"{folder}/p1")
+        out["phase2"] = fit_and_test("phase2.yaml", seed, f"{folder}/p2", out["phase1"]["checkpoint"])
+        out["phase3"] = fit_and_test("phase3.yaml", seed, f"{folder}/p3", out["phase2"]["checkpoint"])
+        if ablations:
+            out["no_phase1"] = fit_and_test("ablation_no_phase1.yaml", seed, f"{folder}/a1")
+            out["no_phase3"] = fit_and_test("ablation_no_phase3.yaml", seed, f"{folder}/a3",
+                                            out["phase2"]["checkpoint"])
+    for run in out.values():
+        run.pop("checkpoint")
+    nm, orc = out["no_memory"]["test"]["test/mse"], out["oracle"]["test"]["test/mse"]
+    for run in out.values():
+        run["gap_closed"] = (nm - run["test"]["test/mse"]) / (nm - orc)
+    return out
+
+
+def _best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def read_speed(num_ranges: int = 4096, repeats: int = 3) -> dict:
+    """Seconds to read ``num_ranges`` range means from the seed-size memory: prefix sums vs one slice at a time."""
+    memory = ArtificialMemory(65536, 32, 256)
+    g = torch.Generator().manual_seed(0)
+    memory.load_bits(torch.randint(0, 2, (65536, 32), generator=g).float())
+    starts = torch.randint(0, 65536 - 256, (num_ranges,), generator=g)
+    ends = starts + torch.randint(1, 257, (num_ranges,), generator=g)
+    assert torch.equal(memory.range_mean(starts, ends), memory.range_mean_loop(starts, ends))
+    batched = _best_of(lambda: memory.range_mean(starts, ends), repeats)
+    loop = _best_of(lambda: memory.range_mean_loop(starts, ends), repeats)
+    return {"ranges": num_ranges, "batched_s": batched, "loop_s": loop, "speedup": loop / batched}
+
+
+def step_speed(repeats: int = 3) -> dict:
+    """Seconds of one Phase 2 training step (forward, backward, AdamW) with batched vs per-sample reads."""
+    data = LeWorldDataModule(seq_len=8, train_sequences=64, difficulty="medium", num_pages=16)
+    batch = data.split("train")
+    sizes = dict(num_words=4096, max_read_range=32, d_read=32, slm_d_model=64, slm_layers=1, slm_heads=4,
+                 blm_d_model=96, blm_layers=2, blm_heads=4, info_dim=32)
+    result = {}
+    for impl in ("batched", "loop"):
+        torch.manual_seed(0)
+        module = LeWorldPhase2(LeWorldSystem(**sizes))
+        module.system.memory.load_bits(data.memory_bits)
+        module.system.read_impl = impl
+        optimizer = torch.optim.AdamW(module.parameters(), lr=3e-4)
+
+        def step(module=module, optimizer=optimizer):
+            out = module.system.multi_step_forward(batch["states"], batch["chars"], weights={"balance": 0.01})
+            optimizer.zero_grad()
+            out["total_loss"].backward()
+            optimizer.step()
+
+        step()  # warm-up
+        result[f"{impl}_s"] = _best_of(step, repeats)
+    result["speedup"] = result["loop_s"] / result["batched_s"]
+    return result
+
+
+def plot_horizons(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("no_memory", "oracle", "phase1", "phase2", "phase3", "no_phase1", "no_phase3")
+             if all(n in r for r in results.values()) or any(n in r for r in results.values())]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    hs = list(range(1, HORIZONS + 1))
+    for name in names:
+        runs = [r[name] for r in results.values() if name in r]
+        curve = [statistics.mean(run["test"][f"test/mse/h{h}"] for run in runs) for h in hs]
+        ax.plot(hs, curve, marker="o", label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+    ax.set_xlabel("horizon (open-loop steps from the first state)")
+    ax.set_ylabel("test MSE")
+    ax.set_yscale("log")
+    ax.set_xticks(hs)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def run_parallel(args) -> dict:
+    """Each seed in its own process (``--runs-only``), ``args.jobs`` at a time; their JSON files are merged."""
+    import subprocess
+
+    pending, running, results = list(args.seeds), [], {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            out = args.out / f"leworld_seed{seed}"
+            command = [sys.executable, __file__, "--runs-only", "--seeds", str(seed), "--out", str(out),
+                       "--ablation-seeds", *[str(s) for s in args.ablation_seeds if s == seed]]
+            log = open(args.out / f"leworld_seed{seed}.log", "w")
+            running.append((seed, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(5)
+        for item in list(running):
+            seed, out, process, log = item
+            if process.poll() is not None:
+                log.close()
+                running.remove(item)
+                if process.returncode != 0:
+                    raise RuntimeError(f"seed {seed} failed: see {args.out / f'leworld_seed{seed}.log'}")
+                results[seed] = json.loads((out / "leworld.json").read_text())["runs"][str(seed)]
+    return dict(sorted(results.items()))
+
+
+def main_bench() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel (one process each)")
+    parser.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # a worker of --jobs
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    results = {}
+    if args.jobs > 1:
+        results = run_parallel(args)
+    else:
+        for seed in args.seeds:
+            results[seed] = run_seed(seed, seed in args.ablation_seeds)
+            partial = {"runs": results}
+            (args.out / "leworld.json").write_text(json.dumps(partial, indent=2))  # partial results stay on disk
+    if args.runs_only:
+        return
+    reads, steps = read_speed(), step_speed()
+    summary = {"read": reads, "step": steps}
+    (args.out / "leworld.json").write_text(json.dumps({"runs": results, "speed": summary}, indent=2))
+    plot_horizons(results, REPO / "docs" / "figures" / "leworld_horizon_mse.png")
+
+    cols = ["mse", "mae", "hit_rate", "routing_entropy", *[f"mse/h{h}" for h in range(1, HORIZONS + 1)]]
+    print("| run | seed | steps | seconds | gap_closed | " + " | ".join(cols) + " |")
+    for seed, runs in results.items():
+        for name, run in runs.items():
+            cells = " | ".join(f"{run['test'][f'test/{c}']:.4f}" if f"test/{c}" in run["test"] else "-" for c in cols)
+            print(f"| {name} | {seed} | {run['steps']} | {run['seconds']:.0f} | {run['gap_closed']:.3f} | {cells} |")
+    print(f"reads of {reads['ranges']} ranges: {reads['batched_s'] * 1e3:.2f} ms batched vs "
+          f"{reads['loop_s'] * 1e3:.1f} ms per-sample loop ({reads['speedup']:.1f}x)")
+    print(f"Phase 2 training step: {steps['batched_s'] * 1e3:.0f} ms batched vs {steps['loop_s'] * 1e3:.0f} ms "
+          f"per-sample loop ({steps['speedup']:.1f}x)")
+    gaps = [runs["phase3"]["gap_closed"] for runs in results.values()]
+    ratio = [runs["oracle"]["test"]["test/mse"] / runs["no_memory"]["test"]["test/mse"] for runs in results.values()]
+    print(f"gap_closed per seed: {[round(g, 4) for g in gaps]}; oracle/no-memory MSE ratio: "
+          f"{[round(r, 4) for r in ratio]}")
+    hit = statistics.mean(runs["phase3"]["test"]["test/hit_rate"] for runs in results.values())
+    print(f"leworld: gap_closed={statistics.mean(gaps):.4f} hit_rate={hit:.4f} read_speedup={reads['speedup']:.1f} "
+          f"step_speedup={steps['speedup']:.1f}")
+
+
+if __name__ == "__main__":
+    main_bench()
