@@ -230,9 +230,14 @@ class WebShopEnv(TextEnv):
         """The clickable elements of the page; on the search page, the goal's query and other products' queries."""
         if self.page == "search":
             rng = random.Random(_stable_hash(self.goal))
-            others = sorted(
-                {f"{' '.join(p.attributes[:2])} {p.type}" for p in self.catalog.values()} - {self.goal.query}
-            )
+            # Distractor queries from the goal's own domain, so in-domain data never shows out-of-domain products.
+            in_domain = self.goal.type not in OUT_OF_DOMAIN_TYPES
+            queries = {
+                f"{' '.join(p.attributes[:2])} {p.type}"
+                for p in self.catalog.values()
+                if (p.type not in OUT_OF_DOMAIN_TYPES) == in_domain
+            }
+            others = sorted(queries - {self.goal.query})
             queries = rng.sample(others, 3) + [self.goal.query]
             rng.shuffle(queries)
             return [f"search[{q}]" for q in queries]

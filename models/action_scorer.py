@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """``<bos>`` (when the tokenizer has one) + the prompt's tokens: the policy's context."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
 
 
-def _candidate_ids(tokenizer, candidates: list[str]) -> list[list[int]]:
+def encode_candidates(tokenizer, candidates: list[str]) -> list[list[int]]:
+    """Each candidate's tokens, encoded on its own (training targets use the same encoding)."""
     if not candidates:
         raise ValueError("no candidate actions to score")
     ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
@@ -58,8 +60,8 @@ def score_candidates(
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_tokens, prompt_mask = _padded([_prompt_ids(tokenizer, p) for p in prompts], pad, left=True, device=device)
-    per_prompt = [_candidate_ids(tokenizer, c) for c in candidates]
+    prompt_tokens, prompt_mask = _padded([encode_prompt(tokenizer, p) for p in prompts], pad, left=True, device=device)
+    per_prompt = [encode_candidates(tokenizer, c) for c in candidates]
     owner = torch.tensor([i for i, rows in enumerate(per_prompt) for _ in rows], device=device)
     tokens, mask = _padded([row for rows in per_prompt for row in rows], pad, left=False, device=device)
 
@@ -96,9 +98,9 @@ def naive_scores(
 ) -> Tensor:
     """The same scores with one full forward pass per candidate (the seed's way)."""
     device = next(model.parameters()).device
-    prompt_ids = _prompt_ids(tokenizer, prompt)
+    prompt_ids = encode_prompt(tokenizer, prompt)
     scores = []
-    for ids in _candidate_ids(tokenizer, candidates):
+    for ids in encode_candidates(tokenizer, candidates):
         full = torch.tensor([prompt_ids + ids], device=device)
         logits = model(input_ids=full).logits[:, len(prompt_ids) - 1 : -1]
         token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, full[:, len(prompt_ids) :, None])

@@ -1,0 +1,262 @@
+"""Early-experience data: expert trajectories branched with K alternative actions, and the training examples
+built from them for imitation (IL), implicit world modelling (IWM) and self-reflection (SR).
+
+From every expert state the expert action and K other candidate actions are executed for one step, each in its own
+copy of the environment, and the next observations are recorded (Zhang et al., 2025, "Agent Learning via Early
+Experience"). Each example is a (prompt, completion) pair and the loss is taken on the completion only:
+
+* IL:  ``<observation>\\nAction:`` -> the expert action
+* IWM: ``[predict] <observation>\\n[action] <action>\\n[next]\\n`` -> the next observation (a prompt format of its own,
+  so the policy never learns to write observations where an action belongs)
+* SR:  ``<observation>\\nReflect, then act:`` -> a rationale comparing the observed outcomes of the expert action and
+  the alternatives, then ``Action: <expert action>``
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from datamodules.text_corpus import lm_batch
+from envs.text_env import TextEnv
+from envs.tiny_shop import tiny_shop_goals
+from envs.web_shop import WebShopEnv, make_catalog, make_goals
+from models.action_scorer import encode_candidates, encode_prompt
+from models.lm_factory import build_tokenizer, load_tokenizer
+
+POLICY_SUFFIX = "\nAction:"
+REFLECT_SUFFIX = "\nReflect, then act:"
+
+
+@dataclass
+class Branch:
+    """One expert state, its expert transition and K alternative transitions."""
+
+    observation: str
+    expert_action: str
+    expert_next: str
+    alternatives: list[tuple[str, str]]  # (action, next observation)
+
+
+def policy_prompt(observation: str) -> str:
+    return observation + POLICY_SUFFIX
+
+
+def world_model_prompt(observation: str, action: str) -> str:
+    return f"[predict] {observation}\n[action] {action}\n[next]\n"
+
+
+def collect_branches(env: TextEnv, k: int, rng: random.Random) -> list[Branch]:
+    """Follow the expert through ``env`` from its start; at every state branch ``k`` other candidate actions."""
+    observation, branches = env.reset(), []
+    for _ in range(env.max_steps):
+        expert = env.expert_action()
+        others = [a for a in env.candidate_actions() if a != expert]
+        alternatives = []
+        for action in rng.sample(others, min(k, len(others))):
+            alternatives.append((action, env.copy().step(action).observation))
+        result = env.step(expert)
+        branches.append(Branch(observation, expert, result.observation, alternatives))
+        observation = result.observation
+        if result.done:
+            break
+    return branches
+
+
+def observation_delta(before: str, after: str) -> str:
+    """What changed between two observations, in a few words (JSON fields or text lines)."""
+    try:
+        old, new = json.loads(before), json.loads(after)
+        changes = [f"{key}={json.dumps(value)}" for key, value in new.items() if old.get(key) != value]
+    except (json.JSONDecodeError, AttributeError):
+        old_lines = set(before.splitlines())
+        changes = [line for line in after.splitlines() if line not in old_lines]
+    return "; ".join(changes[:3]) if changes else "nothing changed"
+
+
+def template_rationale(branch: Branch) -> str:
+    """A rationale grounded in the observed next states: what each action did, then the conclusion."""
+    outcomes = [f"{action} -> {observation_delta(branch.observation, nxt)}" for action, nxt in branch.alternatives]
+    outcomes.append(f"{branch.expert_action} -> {observation_delta(branch.observation, branch.expert_next)}")
+    return "Outcomes: " + " | ".join(outcomes) + f". Best: {branch.expert_action}."
+
+
+def rationale_concludes_for(rationale: str, action: str) -> bool:
+    """True when the rationale's conclusion names ``action`` (used to drop rationales that argue for another)."""
+    conclusion = rationale.rsplit("Best:", 1)[-1]
+    return action in conclusion
+
+
+def il_examples(branches: list[Branch]) -> list[tuple[str, str]]:
+    return [(policy_prompt(b.observation), b.expert_action) for b in branches]
+
+
+def iwm_examples(branches: list[Branch]) -> list[tuple[str, str]]:
+    transitions = []
+    for b in branches:
+        transitions.append((world_model_prompt(b.observation, b.expert_action), b.expert_next))
+        transitions += [(world_model_prompt(b.observation, a), nxt) for a, nxt in b.alternatives]
+    return transitions
+
+
+def sr_examples(branches: list[Branch], rationale_fn=template_rationale) -> list[tuple[str, str]]:
+    examples = []
+    for b in branches:
+        rationale = rationale_fn(b)
+        if rationale_concludes_for(rationale, b.expert_action):
+            examples.append((b.observation + REFLECT_SUFFIX, f"{rationale}\nAction: {b.expert_action}"))
+    return examples
+
+
+# --- the DataModule -------------------------------------------------------------------------------------------
+class ExperienceStream(IterableDataset):
+    """Training batches indexed by optimisation step, so a resumed run sees what the uninterrupted one would."""
+
+    def __init__(self, datamodule: EarlyExperienceDataModule, batch_size: int, rank: int, start_step: int) -> None:
+        self.datamodule, self.batch_size, self.rank, self.start_step = datamodule, batch_size, rank, start_step
+
+    def __iter__(self):
+        dm = self.datamodule
+        step = self.start_step
+        while True:
+            rng = random.Random(f"{dm.hparams.seed}-{self.rank}-{step}")
+            pool = dm.pool_for_step(step)
+            yield dm.collate([pool[rng.randrange(len(pool))] for _ in range(self.batch_size)])
+            step += 1
+
+
+class EarlyExperienceDataModule(LightningDataModule):
+    """Expert rollouts branched with K alternatives in a text shop, served as IL / IWM / SR training batches, and
+    evaluation episodes on train, held-out and out-of-domain goals.
+
+    Recipes: ``il`` (expert actions only), ``iwm_then_il`` (the first ``iwm_steps`` updates predict next
+    observations, the rest imitate: the same total budget as ``il``), ``sr`` (self-reflection examples mixed with
+    expert actions, ``sr_fraction`` of each batch).
+    """
+
+    def __init__(
+        self,
+        env: Literal["tiny_shop", "web_shop"] = "web_shop",
+        recipe: Literal["il", "iwm_then_il", "sr"] = "il",
+        branches: int = 3,
+        train_goals: int = 200,
+        eval_goals: int = 50,
+        iwm_steps: int = 200,
+        sr_fraction: float = 0.5,
+        batch_size: int = 16,
+        eval_batch_size: int = 16,
+        tokenizer: str | None = None,
+        vocab_size: int = 1024,
+        tokenizer_cache: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            env: ``tiny_shop`` (the seed's shop, corrected) or ``web_shop`` (procedural WebShop-like shop).
+            recipe: ``il``, ``iwm_then_il`` or ``sr``.
+            branches: K, alternative actions executed from every expert state.
+            train_goals: Goals whose expert rollouts make the training data.
+            eval_goals: Goals per evaluation split (train, held_out, out_of_domain; the tiny shop has no
+                out-of-domain split).
+            iwm_steps: Updates spent on IWM before imitation (``iwm_then_il``).
+            sr_fraction: Share of SR examples in each batch (``sr``).
+            batch_size: Examples per update, summed over all devices.
+            eval_batch_size: Evaluation episodes run together (their actions are scored in one batch).
+            tokenizer: A hub name or local folder; ``null`` trains a BPE tokenizer on the training rollouts (cached).
+            vocab_size: Size of the trained tokenizer.
+            tokenizer_cache: Folder of cached tokenizers (``null``: the user cache).
+            seed: Seed of the goals, the branching and the batch sampling.
+        """
+        super().__init__()
+        if env not in ("tiny_shop", "web_shop"):
+            raise ValueError(f"unknown env {env!r}; expected tiny_shop or web_shop")
+        if recipe not in ("il", "iwm_then_il", "sr"):
+            raise ValueError(f"unknown recipe {recipe!r}; expected il, iwm_then_il or sr")
+        if min(branches, train_goals, eval_goals, batch_size, eval_batch_size) < 1 or iwm_steps < 0:
+            raise ValueError("branches, goals and batch sizes must be >= 1, iwm_steps >= 0")
+        if not 0.0 <= sr_fraction <= 1.0:
+            raise ValueError(f"sr_fraction must be in [0, 1], got {sr_fraction}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self._build()
+
+    def _build(self) -> None:
+        hp = self.hparams
+        self.eval_envs = make_envs(hp.env, hp.train_goals, hp.eval_goals, hp.seed)
+        rng = random.Random(hp.seed)
+        self.branches = [
+            b for env in self.eval_envs.pop("_train_pool") for b in collect_branches(env, hp.branches, rng)
+        ]
+        texts = [b.observation for b in self.branches] + [b.expert_next for b in self.branches]
+        texts += [a for b in self.branches for a, _ in b.alternatives] + [b.expert_action for b in self.branches]
+        self.tokenizer = (
+            build_tokenizer(texts, hp.vocab_size, hp.tokenizer_cache)
+            if hp.tokenizer is None
+            else load_tokenizer(hp.tokenizer)
+        )
+        self.pools = {
+            "il": [self.encode(*e) for e in il_examples(self.branches)],
+            "iwm": [self.encode(*e) for e in iwm_examples(self.branches)],
+            "sr": [self.encode(*e) for e in sr_examples(self.branches)],
+        }
+
+    def encode(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        """Prompt tokens and completion tokens + ``<eos>``, encoded exactly as the policy scores actions."""
+        completion_ids = encode_candidates(self.tokenizer, [completion])[0] + [self.tokenizer.eos_token_id]
+        return encode_prompt(self.tokenizer, prompt), completion_ids
+
+    def collate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        prompts, completions = zip(*examples)
+        return lm_batch(prompts, completions, self.tokenizer.pad_token_id, completion_only=True)
+
+    def pool_for_step(self, step: int) -> list[tuple[list[int], list[int]]]:
+        """The examples update ``step`` draws from, by recipe."""
+        hp = self.hparams
+        if hp.recipe == "iwm_then_il" and step < hp.iwm_steps:
+            return self.pools["iwm"]
+        if hp.recipe == "sr" and random.Random(f"{hp.seed}-sr-{step}").random() < hp.sr_fraction:
+            return self.pools["sr"]
+        return self.pools["il"]
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if self.batch_size % world_size:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
+        start = trainer.global_step if trainer is not None else 0
+        return DataLoader(ExperienceStream(self, self.batch_size // world_size, rank, start), batch_size=None)
+
+    def _episodes(self) -> DataLoader:
+        items = [(split, env) for split, envs in self.eval_envs.items() for env in envs]
+        return DataLoader(items, batch_size=self.hparams.eval_batch_size, collate_fn=list)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._episodes()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._episodes()
+
+
+def make_envs(env: str, train_goals: int, eval_goals: int, seed: int) -> dict[str, list[TextEnv]]:
+    """Environments per evaluation split, plus ``_train_pool``: the goals whose rollouts are the training data."""
+    if env == "tiny_shop":
+        pool = tiny_shop_goals(train_goals, seed)
+        return {
+            "_train_pool": pool,
+            "train": tiny_shop_goals(eval_goals, seed),
+            "held_out": tiny_shop_goals(eval_goals, seed + 10_007),
+        }
+    catalog = make_catalog(seed=seed)
+    pool = [WebShopEnv(catalog, g) for g in make_goals(catalog, "train", train_goals, seed)]
+    return {
+        "_train_pool": pool,
+        "train": [WebShopEnv(catalog, g) for g in make_goals(catalog, "train", min(eval_goals, train_goals), seed)],
+        "held_out": [WebShopEnv(catalog, g) for g in make_goals(catalog, "held_out", eval_goals, seed)],
+        "out_of_domain": [WebShopEnv(catalog, g) for g in make_goals(catalog, "out_of_domain", eval_goals, seed)],
+    }

@@ -1,0 +1,125 @@
+"""Early-experience data (branching, IL / IWM / SR examples, completion-only labels) and the agent's episodes."""
+
+import random
+
+import pytest
+import torch
+
+from datamodules.early_experience import (
+    EarlyExperienceDataModule,
+    collect_branches,
+    il_examples,
+    iwm_examples,
+    observation_delta,
+    rationale_concludes_for,
+    sr_examples,
+    template_rationale,
+    world_model_prompt,
+)
+from envs.tiny_shop import TinyShopEnv
+from envs.web_shop import WebShopEnv, make_catalog, make_goals
+from lightning_modules.early_experience import EarlyExperienceAgent
+
+
+@pytest.fixture(scope="module")
+def web_branches():
+    catalog = make_catalog()
+    env = WebShopEnv(catalog, make_goals(catalog, "train", 1)[0])
+    return env, collect_branches(env, k=3, rng=random.Random(0))
+
+
+def test_branches_follow_the_expert_and_execute_alternatives_in_copies(web_branches):
+    env, branches = web_branches
+    assert env.page == "done" and env.reward == 1.0  # the original environment followed the expert only
+    for branch in branches:
+        actions = [a for a, _ in branch.alternatives]
+        assert len(actions) == len(set(actions)) and branch.expert_action not in actions
+        assert 1 <= len(actions) <= 3
+    # Each alternative's next observation is what that action does from the branch's state.
+    replay = WebShopEnv(env.catalog, env.goal)
+    replay.reset()
+    for branch in branches:
+        assert replay.observation() == branch.observation
+        for action, next_observation in branch.alternatives:
+            assert replay.copy().step(action).observation == next_observation
+        assert replay.step(branch.expert_action).observation == branch.expert_next
+
+
+def test_iwm_includes_the_expert_transition_and_uses_its_own_format(web_branches):
+    _, branches = web_branches
+    examples = iwm_examples(branches)
+    assert len(examples) == sum(1 + len(b.alternatives) for b in branches)
+    first = branches[0]
+    assert (world_model_prompt(first.observation, first.expert_action), first.expert_next) in examples
+    assert all(not prompt.endswith("Action:") for prompt, _ in examples)
+    assert [c for _, c in il_examples(branches)] == [b.expert_action for b in branches]
+
+
+def test_sr_rationales_are_grounded_and_filtered(web_branches):
+    _, branches = web_branches
+    branch = branches[0]
+    rationale = template_rationale(branch)
+    for action, next_observation in branch.alternatives:
+        assert f"{action} -> {observation_delta(branch.observation, next_observation)}" in rationale
+    assert rationale_concludes_for(rationale, branch.expert_action)
+    # A rationale that argues for another action is dropped.
+    wrong = sr_examples(branches, rationale_fn=lambda b: "Outcomes: ... Best: click[< prev].")
+    assert wrong == []
+    kept = sr_examples(branches)
+    assert len(kept) == len(branches) and kept[0][1].endswith(f"Action: {branch.expert_action}")
+
+
+def test_observation_delta_reads_json_and_text():
+    shop = TinyShopEnv("blue", 30)
+    before = shop.observation()
+    after = shop.step("SELECT color=blue").observation
+    assert 'cart={"color": "blue", "price": 25}' in observation_delta(before, after)
+    assert observation_delta("Page: a\nx", "Page: b\nx") == "Page: b"
+    assert observation_delta("same", "same") == "nothing changed"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return EarlyExperienceDataModule(
+        env="tiny_shop",
+        recipe="iwm_then_il",
+        iwm_steps=3,
+        train_goals=12,
+        eval_goals=6,
+        batch_size=4,
+        vocab_size=320,
+        tokenizer_cache=str(tmp_path_factory.mktemp("tok")),
+    )
+
+
+def test_labels_cover_the_completion_only(tiny_data):
+    prompt, completion = tiny_data.pools["il"][0]
+    batch = tiny_data.collate([tiny_data.pools["il"][0], tiny_data.pools["iwm"][0]])
+    labels, ids = batch["labels"], batch["input_ids"]
+    assert (labels[0, : len(prompt)] == -100).all()
+    assert labels[0, len(prompt) : len(prompt) + len(completion)].tolist() == completion
+    assert completion[-1] == tiny_data.tokenizer.eos_token_id
+    assert (labels[batch["attention_mask"] == 0] == -100).all()
+    assert torch.equal(ids[0, : len(prompt)], torch.tensor(prompt))
+
+
+def test_recipes_choose_their_pool_by_step(tiny_data):
+    assert tiny_data.pool_for_step(0) is tiny_data.pools["iwm"]
+    assert tiny_data.pool_for_step(2) is tiny_data.pools["iwm"]
+    assert tiny_data.pool_for_step(3) is tiny_data.pools["il"]
+    with pytest.raises(ValueError, match="unknown recipe"):
+        EarlyExperienceDataModule(env="tiny_shop", recipe="rl")
+    with pytest.raises(ValueError, match="unknown env"):
+        EarlyExperienceDataModule(env="alfworld")
+
+
+def test_episodes_count_invalid_actions_and_leave_the_goals_untouched(tiny_data):
+    torch.manual_seed(0)
+    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2)
+    agent.build(tiny_data.tokenizer)
+    envs = tiny_data.eval_envs["held_out"]
+    outcomes = agent.run_episodes(envs)
+    assert len(outcomes) == len(envs)
+    for (reward, steps, invalid), env in zip(outcomes, envs):
+        assert 1 <= steps <= env.max_steps and 0 <= invalid <= steps and reward in (0.0, 1.0)
+        assert env.selected is None  # evaluation ran in copies
