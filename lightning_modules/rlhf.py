@@ -756,3 +756,80 @@ class PPORLHF(_LMPhase):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute("test"))
         self.test_metrics.reset()
+
+
+class AgenticSFT(CausalLMSFT):
+    """SFT on agentic demonstrations (``AgenticDemoDataModule``), also measuring the greedy first action.
+
+    Logged metrics: those of ``CausalLMSFT`` and ``val/tool_call_acc`` (share of first actions that are a valid call
+    of a registered tool: known name, the right argument names and types), ``val/tool_call_exact`` (the task's
+    own tool with its arguments); the same under ``test/``.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "tiny-llama",
+        init_from: str | None = None,
+        hidden_size: int = 128,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        lora_r: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str = "auto",
+        load_in_4bit: bool = False,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        max_new_tokens: int = 40,
+    ) -> None:
+        """
+        Args:
+            model_name: ``tiny-llama`` / ``tiny-smollm3`` (built offline from a config), a hub name or a local folder.
+            init_from: Checkpoint of an earlier phase whose merged LM weights to start from (``null``: the base).
+            hidden_size: Width of a tiny model.
+            num_layers: Decoder layers of a tiny model.
+            num_heads: Attention heads of a tiny model.
+            lora_r: Rank of a LoRA adapter; ``null`` trains every weight.
+            lora_alpha: LoRA scale numerator.
+            lora_dropout: Dropout on the LoRA input.
+            lora_target_modules: Modules to adapt; ``auto`` = the attention projections of the architecture.
+            load_in_4bit: Quantise the base to 4-bit NF4 (needs ``lora_r``).
+            trust_remote_code: Allow code shipped with a hub model to run (off unless you opt in).
+            optimizer: Optimiser factory, called with the trainable parameters.
+            max_new_tokens: Longest generated action.
+        """
+        super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
+                         lora_target_modules, load_in_4bit, trust_remote_code, optimizer)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.tool_metrics = nn.ModuleDict({f"{s}_{m}": MeanMetric() for s in ("val", "test") for m in ("acc", "exact")})
+
+    @torch.no_grad()
+    def first_actions(self, prompt_ids: Tensor, prompt_mask: Tensor) -> list[str]:
+        """Greedy first actions for left-padded task prompts."""
+        tok = self.tokenizer
+        out, mask = sample(self.lm, prompt_ids, prompt_mask, self.hparams.max_new_tokens, tok.eos_token_id,
+                           tok.pad_token_id, greedy=True)
+        return [tok.decode(o[m], skip_special_tokens=True) for o, m in zip(out, mask)]
+
+    def _tool_step(self, batch: dict, stage: str) -> None:
+        from envs.agentic import default_tools, parse_action
+
+        tools = default_tools()
+        actions = [parse_action(text) for text in self.first_actions(batch["prompt_ids"], batch["prompt_mask"])]
+        valid = torch.tensor([float(tools.is_valid_call(a)) for a in actions])
+        exact = torch.tensor([float(a.kind == "tool" and a.name == t.tool and a.args == t.args)
+                              for a, t in zip(actions, batch["tasks"])])
+        self.tool_metrics[f"{stage}_acc"].update(valid)
+        self.tool_metrics[f"{stage}_exact"].update(exact)
+        self.log(f"{stage}/tool_call_acc", self.tool_metrics[f"{stage}_acc"], prog_bar=stage == "val")
+        self.log(f"{stage}/tool_call_exact", self.tool_metrics[f"{stage}_exact"])
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        self._tool_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        super().test_step(batch, batch_idx)
+        self._tool_step(batch, "test")
