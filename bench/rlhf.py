@@ -1,0 +1,125 @@
+"""Benchmark of the small-LM RLHF pipeline on the offline story corpus: SFT -> reward model -> PPO, and agentic SFT.
+
+    python bench/rlhf.py [--seeds 0 1 2] [--out bench/results] [--sft-epochs 2] [--rm-epochs 3] [--ppo-steps 320]
+
+Every phase runs with ``python train.py fit`` semantics from ``configs/rlhf/*.yaml`` (the later phases start from
+the earlier checkpoints through ``init_from``), then is tested on the held-out split: SFT perplexity, reward-model
+pairwise accuracy on held-out pairs, PPO against the SFT model on the same held-out prompts (paired win rate judged
+by the reward model, reward delta, sequence KL, ROUGE/BLEU against the held-out completions, Distinct-1/2), and
+the agentic SFT model's tool-call accuracy. Writes ``<out>/rlhf.json`` (``<out>/rlhf_<seed>.json`` per seed with
+``--seeds`` of one); the last line printed is
+``rlhf: rm_acc=<x> win_rate=<y> kl=<z> tool_call_acc=<w> rollout_tokens_per_s=<t>`` (means over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from experiment.cli import main  # noqa: E402
+
+CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml") for name in ("sft", "reward", "ppo", "agentic_sft")}
+
+
+def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
+    """Fit one phase and test it; returns the CLI object, the test metrics and the fit time in seconds."""
+    args = ["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", folder, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir", folder, *overrides]
+    start = time.perf_counter()
+    cli = main(args)
+    seconds = time.perf_counter() - start
+    metrics = {}
+    if test:
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+    return cli, metrics, seconds
+
+
+def csv_column(cli, column: str) -> list[tuple[int, float]]:
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
+def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as root:
+        out: dict = {"seed": seed}
+        sft, out["sft"], out["sft_seconds"] = run_phase(CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs",
+                                                        str(args.sft_epochs))
+        sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
+        rm, out["reward"], out["reward_seconds"] = run_phase(
+            CONFIGS["reward"], seed, f"{root}/rm", "--trainer.max_epochs", str(args.rm_epochs),
+            "--model.init_args.init_from", sft_ckpt)
+        rm_ckpt = rm.trainer.checkpoint_callback.last_model_path
+        ppo, out["ppo"], out["ppo_seconds"] = run_phase(
+            CONFIGS["ppo"], seed, f"{root}/ppo", "--trainer.max_steps", str(args.ppo_steps),
+            "--model.init_args.init_from", sft_ckpt, "--model.init_args.reward_model_from", rm_ckpt,
+            "--trainer.val_check_interval", str(max(1, args.ppo_steps // 3)))
+        out["ppo_curve"] = {k: csv_column(ppo, f"train/{k}") for k in ("score", "kl", "kl_coef")}
+        out["ppo_val"] = {k: csv_column(ppo, f"val/{k}") for k in ("win_rate", "reward_delta", "kl")}
+        speeds = [v for _, v in csv_column(ppo, "train/rollout_tokens_per_s")]
+        out["rollout_tokens_per_s"] = statistics.median(speeds) if speeds else float("nan")
+        out["kl_target"] = ppo.model.hparams.kl_target
+        _, out["agentic"], out["agentic_seconds"] = run_phase(
+            CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs))
+    return out
+
+
+def summary(results: list[dict]) -> dict[str, float]:
+    def mean(path: tuple[str, str]) -> float:
+        return statistics.mean(r[path[0]][path[1]] if path[1] else r[path[0]] for r in results)
+
+    return {
+        "sft_ppl": mean(("sft", "test/ppl")),
+        "rm_acc": mean(("reward", "test/acc")),
+        "win_rate": mean(("ppo", "test/win_rate")),
+        "reward_delta": mean(("ppo", "test/reward_delta")),
+        "kl": mean(("ppo", "test/kl")),
+        "tool_call_acc": mean(("agentic", "test/tool_call_acc")),
+        "rollout_tokens_per_s": mean(("rollout_tokens_per_s", "")),
+    }
+
+
+def main_bench() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(REPO / "bench/results"))
+    parser.add_argument("--sft-epochs", type=int, default=2)
+    parser.add_argument("--rm-epochs", type=int, default=3)
+    parser.add_argument("--ppo-steps", type=int, default=320)
+    parser.add_argument("--agentic-epochs", type=int, default=1)
+    parser.add_argument("--merge", nargs="*", default=None, help="combine per-seed JSON files instead of running")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        results = [json.loads(Path(p).read_text())["runs"][0] for p in args.merge]
+    else:
+        results = []
+        for seed in args.seeds:
+            results.append(run_seed(seed, args))
+            print(json.dumps({k: v for k, v in results[-1].items() if not k.startswith("ppo_")}, indent=1))
+    figures = summary(results)
+    name = f"rlhf_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else "rlhf.json"
+    (out / name).write_text(json.dumps({"settings": vars(args), "summary": figures, "runs": results}, indent=1))
+    for r in results:
+        print(f"seed {r['seed']}: ppl={r['sft']['test/ppl']:.3f} rm_acc={r['reward']['test/acc']:.3f} "
+              f"win_rate={r['ppo']['test/win_rate']:.3f} reward_delta={r['ppo']['test/reward_delta']:+.3f} "
+              f"kl={r['ppo']['test/kl']:.3f} tool_call_acc={r['agentic']['test/tool_call_acc']:.3f}")
+    print(f"rlhf: rm_acc={figures['rm_acc']:.3f} win_rate={figures['win_rate']:.3f} kl={figures['kl']:.3f} "
+          f"tool_call_acc={figures['tool_call_acc']:.3f} rollout_tokens_per_s={figures['rollout_tokens_per_s']:.0f}")
+
+
+if __name__ == "__main__":
+    main_bench()
