@@ -9,6 +9,8 @@ candidate's own tokens and is masked before each prompt, so it never changes a r
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -39,6 +41,11 @@ def _padded(rows: list[list[int]], pad: int, left: bool, device) -> tuple[Tensor
         tokens[i, span] = torch.tensor(row, device=device)
         mask[i, span] = 1
     return tokens, mask
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _reduce(token_log_probs: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
@@ -73,11 +80,12 @@ def score_candidates(
         use_cache=True,
         logits_to_keep=1,  # only the last prompt position predicts a candidate token
     )
-    cache = prefix.past_key_values
+    cache = getattr(prefix, "cache", None) or prefix.past_key_values
     cache.batch_select_indices(owner)  # one cache row per (prompt, candidate) pair
     attention = torch.cat([prompt_mask[owner], mask], dim=1)
     positions = prompt_mask.sum(1)[owner, None] + torch.arange(tokens.shape[1], device=device)
-    logits = model(input_ids=tokens, past_key_values=cache, attention_mask=attention, position_ids=positions).logits
+    cache_argument = {_cache_keyword(model): cache}
+    logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, **cache_argument).logits
     # The first candidate token is predicted by the prompt's last position, the others by the candidate's own.
     logits = torch.cat([prefix.logits[owner, -1:], logits[:, :-1]], dim=1)
     token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
