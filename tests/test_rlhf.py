@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from datamodules.text_corpus import PreferenceDataModule, PromptDataModule, TextCorpusDataModule
 from experiment.cli import main
@@ -251,3 +251,29 @@ def test_phases_chain_through_checkpoints(cache, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="missing.ckpt"):
         PairwiseRewardModel(init_from="missing.ckpt").build(PreferenceDataModule(**DATA, tokenizer_cache=cache)
                                                              .tokenizer)
+
+
+def test_ppo_checkpoint_is_small_and_resumes(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, kl_target=0.5, kl_horizon=10)
+    trainer = _fit(module, prompts, tmp_path, max_steps=2, limit_val_batches=0)
+    ckpt = trainer.checkpoint_callback.last_model_path or trainer.checkpoint_callback.best_model_path
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert not any(k.startswith("reward_model.") for k in saved["state_dict"])  # rebuilt from its own checkpoint
+    coef = saved["state_dict"]["kl_coef_value"]
+    assert coef != 0.2  # the controller moved it (KL 0 < target: down)
+    resumed = _ppo(prompts, lora_r=4, kl_target=0.5, kl_horizon=10)
+    lora = {k: v for k, v in saved["state_dict"].items() if "lora_" in k}
+    seen = {}
+
+    class AtStart(Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["coef"] = pl_module.kl_coef_value.clone()
+            seen["lora"] = {k: v.clone() for k, v in pl_module.state_dict().items() if "lora_" in k}
+
+    trainer = Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path, limit_val_batches=0, enable_checkpointing=False,
+                      callbacks=[AtStart()])
+    trainer.fit(resumed, datamodule=prompts, ckpt_path=ckpt)
+    assert trainer.global_step == 3
+    assert torch.equal(seen["coef"], coef)  # the controller's state came back
+    assert seen["lora"].keys() == lora.keys() and all(torch.equal(seen["lora"][k], v) for k, v in lora.items())
