@@ -91,6 +91,31 @@ def summary(results: list[dict]) -> dict[str, float]:
     }
 
 
+def plot_curves(results: list[dict], path: Path) -> None:
+    """PPO's reward-model score and sequence KL over training steps, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for r in results:
+        for ax, key in zip(axes[:2], ("score", "kl")):
+            points = sorted(dict(r["ppo_curve"][key]).items())
+            ax.plot([p[0] for p in points], [p[1] for p in points], label=f"seed {r['seed']}")
+        points = sorted(dict(r["ppo_val"]["win_rate"]).items())
+        axes[2].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"seed {r['seed']}")
+    axes[1].axhline(results[0].get("kl_target") or 0, color="grey", ls="--", lw=1, label="kl_target")
+    axes[2].axhline(0.5, color="grey", ls="--", lw=1)
+    for ax, title in zip(axes, ("train/score (reward model)", "train/kl (sequence, nats)", "val/win_rate vs SFT")):
+        ax.set_title(title)
+        ax.set_xlabel("optimiser step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -100,6 +125,7 @@ def main_bench() -> None:
     parser.add_argument("--ppo-steps", type=int, default=320)
     parser.add_argument("--agentic-epochs", type=int, default=1)
     parser.add_argument("--merge", nargs="*", default=None, help="combine per-seed JSON files instead of running")
+    parser.add_argument("--plot", default=None, help="write the PPO curves to this PNG")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +139,8 @@ def main_bench() -> None:
     figures = summary(results)
     name = f"rlhf_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else "rlhf.json"
     (out / name).write_text(json.dumps({"settings": vars(args), "summary": figures, "runs": results}, indent=1))
+    if args.plot:
+        plot_curves(results, Path(args.plot))
     for r in results:
         print(f"seed {r['seed']}: ppl={r['sft']['test/ppl']:.3f} rm_acc={r['reward']['test/acc']:.3f} "
               f"win_rate={r['ppo']['test/win_rate']:.3f} reward_delta={r['ppo']['test/reward_delta']:+.3f} "
