@@ -117,3 +117,15 @@ def test_offline_hub_name_fails_with_instructions(monkeypatch, tmp_path):
         from models.lm_factory import load_tokenizer
 
         load_tokenizer("EleutherAI/pythia-70m-deduped")
+
+
+def test_local_folder_loads_like_a_hub_model(tokenizer, tmp_path):
+    from models.lm_factory import load_tokenizer
+
+    model = build_causal_lm("tiny-llama", tokenizer, hidden_size=64).eval()
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded = build_causal_lm(str(tmp_path / "m"), lora=LoraSettings(r=2, target_modules="auto")).eval()
+    ids = torch.randint(3, len(tokenizer), (1, 5))
+    assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)  # LoRA B = 0
+    assert load_tokenizer(str(tmp_path / "m")).get_vocab() == tokenizer.get_vocab()
