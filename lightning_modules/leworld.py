@@ -248,9 +248,9 @@ class LeWorldPhase1(_SystemModule):
     """Phase 1: pre-train the parts separately on ground truth.
 
     SLMs: cross-entropy of the high byte, low byte and length of the relevant range of "their" slot (SLM ``i`` learns
-    slot ``i``; slots that are not relevant are skipped). BLM and bit encoder: next-state MSE with oracle reads of
-    the relevant ranges (the SLM hidden states enter detached). Router: binary cross-entropy towards the relevant
-    slots. All steps of a sequence are independent here, so they run as one batch.
+    slot ``i``; slots that are not relevant are skipped). BLM and bit encoder: next-state MSE with oracle reads of the
+    relevant ranges (the SLM hidden states enter detached; confidence 1). Router: binary cross-entropy towards the
+    relevant slots. All steps of a sequence are independent here, so they run as one batch.
 
     Logged: ``train/loss``, ``train/slm_loss``, ``train/blm_loss``, ``train/router_loss``, ``train/address_acc``
     (both bytes and the length right), and the evaluation metrics of the whole system (see the module docstring).
@@ -306,7 +306,7 @@ class LeWorldPhase1(_SystemModule):
             correct.append(hit[mask].float())
         slm_loss = torch.stack(slm_losses).mean()
         reads = system.oracle_reads(starts[:, :num], ends[:, :num])
-        hidden = torch.stack(hiddens[:num], 1)
+        hidden = system.slot_hidden(torch.stack(hiddens[:num], 1))
         slots = system.blm.slot_features(
             hidden,
             reads,

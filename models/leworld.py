@@ -409,6 +409,7 @@ class LeWorldSystem(nn.Module):
         blm_heads: int = 6,
         info_dim: int = 128,
         straight_through_reads: bool = True,
+        blm_sees_slm_hidden: bool = True,
     ) -> None:
         """
         Args:
@@ -428,6 +429,8 @@ class LeWorldSystem(nn.Module):
             info_dim: Size of the BLM's info query.
             straight_through_reads: Pass gradients to the address logits through the soft reads (false: hard reads
                 only, no gradient reaches the addresses).
+            blm_sees_slm_hidden: Give the BLM the SLMs' hidden states in the slot tokens (false: zeros). The hidden
+                state encodes the address, through which the BLM can memorise the training memory's contents.
         """
         super().__init__()
         if num_slms < 1:
@@ -446,6 +449,7 @@ class LeWorldSystem(nn.Module):
         )
         self.num_slms, self.state_dim, self.char_dim = num_slms, state_dim, char_dim
         self.straight_through_reads = straight_through_reads
+        self.blm_sees_slm_hidden = blm_sees_slm_hidden
         self.read_impl: Literal["batched", "loop"] = "batched"
 
     # --- pieces -----------------------------------------------------------------------------------------------
@@ -498,6 +502,10 @@ class LeWorldSystem(nn.Module):
             rows.append(p @ windows)
         return torch.stack(rows)
 
+    def slot_hidden(self, hidden: Tensor) -> Tensor:
+        """The SLM hidden states as the BLM sees them (zeros unless ``blm_sees_slm_hidden``)."""
+        return hidden if self.blm_sees_slm_hidden else torch.zeros_like(hidden)
+
     def oracle_reads(self, starts: Tensor, ends: Tensor) -> Tensor:
         """Encoded reads of given ranges ``[B, M]`` -> ``[B, M, d_read]``."""
         mean = self.memory.range_mean(starts, ends)
@@ -529,7 +537,13 @@ class LeWorldSystem(nn.Module):
             reads = self.oracle_reads(starts, ends)
             mask, confidence = valid.to(reads.dtype), torch.ones_like(stack["confidence"])
         slots = self.blm.slot_features(
-            stack["hidden"], reads, starts, ends - starts, confidence, mem.num_words, mem.max_read_range
+            self.slot_hidden(stack["hidden"]),
+            reads,
+            starts,
+            ends - starts,
+            confidence,
+            mem.num_words,
+            mem.max_read_range,
         )
         blm_out = self.blm(past, current, slots, mask)
         out = {
