@@ -133,9 +133,6 @@ class _LMPhase(LightningModule):
         if not self.hparams.load_in_4bit:
             checkpoint["merged_lm"] = merged_state_dict(self.lm)
 
-    def _is_4bit(self) -> bool:
-        return bool(self.hparams.load_in_4bit)
-
 
 class CausalLMSFT(_LMPhase):
     """Supervised fine-tuning with the causal-LM loss on the labelled tokens (the completion, with a
@@ -539,8 +536,9 @@ class PPORLHF(_LMPhase):
         return self.optimizer_factory(self.trainable_parameters())
 
     # --- acting -----------------------------------------------------------------------------------------------
-    def _reference_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int) -> Tensor:
-        temperature = self.hparams.temperature
+    def _reference_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int,
+                            temperature: float | None = None) -> Tensor:
+        temperature = temperature or self.hparams.temperature
         if self.reference is not None:
             return response_logprobs(self.reference, ids, mask, prompt_length, temperature)[0]
         with self.lm.disable_adapter():
@@ -719,8 +717,7 @@ class PPORLHF(_LMPhase):
         mask = torch.cat([prompt_mask, rmask.long()], 1)
         p = prompt_ids.shape[1]
         logprobs = response_logprobs(self.lm, ids, mask, p, temperature)[0]
-        ref_logprobs = self._reference_logprobs(ids, mask, p) if temperature == hp.temperature else \
-            response_logprobs(self.lm, ids, mask, p, temperature)[0]
+        ref_logprobs = self._reference_logprobs(ids, mask, p, temperature)
         kl = ((logprobs - ref_logprobs) * rmask).sum(1)
         texts = [self.tokenizer.decode(r[m], skip_special_tokens=True).strip() for r, m in zip(response, rmask)]
         return {"reward": reward, "reward_ref": reward_ref, "kl": kl, "length": rmask.float().sum(1), "texts": texts}

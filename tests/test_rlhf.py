@@ -277,3 +277,17 @@ def test_ppo_checkpoint_is_small_and_resumes(prompts, tmp_path):
     assert trainer.global_step == 3
     assert torch.equal(seen["coef"], coef)  # the controller's state came back
     assert seen["lora"].keys() == lora.keys() and all(torch.equal(seen["lora"][k], v) for k, v in lora.items())
+
+
+def test_evaluation_kl_is_zero_for_the_reference_and_positive_after_updates(prompts):
+    module = _ppo(prompts, lora_r=4, eval_temperature=0.7)
+    batch = next(iter(prompts.test_dataloader()))
+    out = module.compare(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(out["kl"], torch.zeros_like(out["kl"]))
+    assert torch.equal(out["reward"], out["reward_ref"])  # same weights, same seed: the same samples
+    with torch.no_grad():
+        for name, p in module.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    out = module.compare(batch, torch.Generator().manual_seed(0))
+    assert out["kl"].mean() > 0  # an estimate of KL(policy || reference) at the evaluation temperature
