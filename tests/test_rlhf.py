@@ -291,3 +291,26 @@ def test_evaluation_kl_is_zero_for_the_reference_and_positive_after_updates(prom
                 p.normal_(std=0.5)
     out = module.compare(batch, torch.Generator().manual_seed(0))
     assert out["kl"].mean() > 0  # an estimate of KL(policy || reference) at the evaluation temperature
+
+
+def test_ppo_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, cache):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "params"
+    tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
+            "16", "--data.init_args.tokenizer_cache", cache, "--model.init_args.minibatch_size", "4",
+            "--model.init_args.max_new_tokens", "8", "--model.init_args.hidden_size", "32",
+            "--model.init_args.num_layers", "1", "--model.init_args.num_heads", "2"]
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/ppo.yaml"),
+               "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "4",
+               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
+               "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks took the same decisions and updates
+    assert any("lora_B" in k and rank0[k].abs().sum() > 0 for k in rank0)  # and they did train (lora_B starts at 0)
