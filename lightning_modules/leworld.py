@@ -316,8 +316,17 @@ class LeWorldPhase1(_SystemModule):
             mem.num_words,
             mem.max_read_range,
         )
+        router_slots = system.blm.slot_features(
+            torch.stack(hiddens[:num], 1),
+            reads,
+            starts[:, :num],
+            (ends - starts)[:, :num],
+            torch.ones_like(valid[:, :num], dtype=reads.dtype),
+            mem.num_words,
+            mem.max_read_range,
+        )
         features = torch.cat([past, current], -1).unsqueeze(1).expand(-1, num, -1)
-        _, _, route_logits = system.blm.router(torch.cat([features, slots], -1))
+        _, _, route_logits = system.blm.router(torch.cat([features, router_slots], -1))
         router_loss = F.binary_cross_entropy_with_logits(route_logits, valid[:, :num].float())
         blm_out = system.blm(past, current, slots, valid[:, :num].to(reads.dtype))
         blm_loss = F.mse_loss(blm_out["next_state"], nxt)

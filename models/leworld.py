@@ -356,9 +356,15 @@ class BigLeWorldModel(nn.Module):
         return torch.cat([hidden, reads, position.to(reads.dtype)], -1)
 
     def forward(
-        self, past: Tensor, current: Tensor, slots: Tensor | None = None, mask: Tensor | None = None
+        self,
+        past: Tensor,
+        current: Tensor,
+        slots: Tensor | None = None,
+        mask: Tensor | None = None,
+        router_slots: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """``slots [B, M, *]`` from :meth:`slot_features`; ``mask [B, M]`` overrides the router (oracle, Phase 1)."""
+        """``slots [B, M, *]`` from :meth:`slot_features`; ``mask [B, M]`` overrides the router (oracle, Phase 1);
+        ``router_slots`` (default ``slots``) are what the router sees."""
         tokens = [self.cls.expand(past.shape[0], -1), self.past_in(past), self.current_in(current)]
         skip_in = [past, current]
         out: dict[str, Tensor] = {}
@@ -367,7 +373,8 @@ class BigLeWorldModel(nn.Module):
                 raise ValueError("this BLM has memory slots: pass `slots`")
             if mask is None:
                 features = torch.cat([past, current], -1).unsqueeze(1).expand(-1, slots.shape[1], -1)
-                mask, probs, logits = self.router(torch.cat([features, slots], -1))
+                routed = slots if router_slots is None else router_slots
+                mask, probs, logits = self.router(torch.cat([features, routed], -1))
                 out |= {"route_probs": probs, "route_logits": logits}
             out["mask"] = mask
             slot_tokens = self.slot_in(slots) * mask.unsqueeze(-1)
@@ -429,8 +436,9 @@ class LeWorldSystem(nn.Module):
             info_dim: Size of the BLM's info query.
             straight_through_reads: Pass gradients to the address logits through the soft reads (false: hard reads
                 only, no gradient reaches the addresses).
-            blm_sees_slm_hidden: Give the BLM the SLMs' hidden states in the slot tokens (false: zeros). The hidden
-                state encodes the address, through which the BLM can memorise the training memory's contents.
+            blm_sees_slm_hidden: Give the BLM's slot tokens the SLMs' hidden states (false: zeros; the router sees
+                them either way). The hidden state encodes the address, through which the BLM can memorise the
+                training memory's contents instead of reading them.
         """
         super().__init__()
         if num_slms < 1:
@@ -536,16 +544,10 @@ class LeWorldSystem(nn.Module):
             starts, ends, valid = oracle
             reads = self.oracle_reads(starts, ends)
             mask, confidence = valid.to(reads.dtype), torch.ones_like(stack["confidence"])
-        slots = self.blm.slot_features(
-            self.slot_hidden(stack["hidden"]),
-            reads,
-            starts,
-            ends - starts,
-            confidence,
-            mem.num_words,
-            mem.max_read_range,
-        )
-        blm_out = self.blm(past, current, slots, mask)
+        args = (reads, starts, ends - starts, confidence, mem.num_words, mem.max_read_range)
+        slots = self.blm.slot_features(self.slot_hidden(stack["hidden"]), *args)
+        router_slots = self.blm.slot_features(stack["hidden"], *args)  # the router always sees the SLM states
+        blm_out = self.blm(past, current, slots, mask, router_slots)
         out = {
             "prediction": blm_out["next_state"],
             "mask": blm_out["mask"],

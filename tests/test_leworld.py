@@ -200,6 +200,11 @@ def test_gradients_reach_the_slm_address_logits_and_the_info_request():
     assert request[:-1].abs().sum() > 0, "the query gets no gradient"
     assert request[-1].abs().sum() > 0, "the request gate gets no gradient (the seed's detached term)"
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in phase3.system.info_to_slm.parameters())
+    no_hidden = tiny_system(blm_sees_slm_hidden=False)
+    no_hidden.memory.load_bits(dm.memory_bits)
+    no_hidden.multi_step_forward(batch["states"], batch["chars"])["total_loss"].backward()
+    assert no_hidden.slms[0].hi_head.weight.grad.abs().sum() > 0
+    assert torch.equal(no_hidden.slot_hidden(torch.ones(2, 3)), torch.zeros(2, 3))
     no_st = tiny_system(straight_through_reads=False)
     no_st.memory.load_bits(dm.memory_bits)
     no_st.multi_step_forward(batch["states"], batch["chars"])["total_loss"].backward()
