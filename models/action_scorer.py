@@ -1,15 +1,13 @@
-"""Score candidate actions by their log-probability after a prompt, all candidates in one batched pass.
+"""Score candidate actions by their log-probability after a prompt, every candidate of every prompt in one pass.
 
-Each prompt is run once (all prompts of a batch together, left-padded); its key/value cache is repeated for its
-candidates, and every candidate of every prompt then runs in one right-padded batch. Padding sits after each
-candidate's own tokens and is masked before each prompt, so it never changes a real position's score.
-``naive_scores`` is the seed's way (one full forward pass per candidate) and the reference the tests and
-``bench/action_scoring.py`` compare with.
+Each batch row packs a prompt followed by all of its candidates. A 4D attention mask lets a candidate's tokens
+see the prompt and their own candidate's earlier tokens only, and the position ids of every candidate restart
+right after the prompt, so each candidate is scored exactly as if it stood alone after the prompt, while the prompt
+is computed once. ``naive_scores`` is the seed's way (one full forward pass per candidate) and the reference the
+tests and ``bench/action_scoring.py`` compare with.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 from torch import Tensor, nn
@@ -31,23 +29,6 @@ def encode_candidates(tokenizer, candidates: list[str]) -> list[list[int]]:
     return ids
 
 
-def _padded(rows: list[list[int]], pad: int, left: bool, device) -> tuple[Tensor, Tensor]:
-    """``[N, L]`` token ids and a 0/1 mask of the real tokens."""
-    longest = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), longest), pad, dtype=torch.long, device=device)
-    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        span = slice(longest - len(row), longest) if left else slice(0, len(row))
-        tokens[i, span] = torch.tensor(row, device=device)
-        mask[i, span] = 1
-    return tokens, mask
-
-
-def _cache_keyword(model: nn.Module) -> str:
-    """``cache`` in recent transformers, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _reduce(token_log_probs: Tensor, mask: Tensor, length_normalize: bool) -> Tensor:
     total = (token_log_probs * mask).sum(-1)
     return total / mask.sum(-1) if length_normalize else total
@@ -57,40 +38,56 @@ def _reduce(token_log_probs: Tensor, mask: Tensor, length_normalize: bool) -> Te
 def score_candidates(
     model: nn.Module, tokenizer, prompts: list[str], candidates: list[list[str]], length_normalize: bool = False
 ) -> list[Tensor]:
-    """Scores of ``candidates[i]`` after ``prompts[i]`` for every i, in two forward passes in all.
+    """Scores of ``candidates[i]`` after ``prompts[i]`` for every i, in a single forward pass.
 
-    Pass 1 runs the prompts as one left-padded batch and keeps their key/value cache; pass 2 runs every
-    (prompt, candidate) pair as one right-padded batch on the cache row of its prompt. Returns one ``[K_i]``
-    tensor of summed (or, with ``length_normalize``, mean) candidate-token log-probabilities per prompt.
+    Each row of the batch packs one prompt followed by all of its candidates; a 4D attention mask lets every
+    candidate token see the prompt and the earlier tokens of its own candidate only, and position ids restart after
+    the prompt for each candidate, so each candidate is computed exactly as if it stood alone after the prompt.
+    Returns one ``[K_i]`` tensor of summed (or, with ``length_normalize``, mean) candidate-token log-probabilities
+    per prompt.
     """
     if len(prompts) != len(candidates):
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prompt_tokens, prompt_mask = _padded([encode_prompt(tokenizer, p) for p in prompts], pad, left=True, device=device)
-    per_prompt = [encode_candidates(tokenizer, c) for c in candidates]
-    owner = torch.tensor([i for i, rows in enumerate(per_prompt) for _ in rows], device=device)
-    tokens, mask = _padded([row for rows in per_prompt for row in rows], pad, left=False, device=device)
-
-    prompt_positions = (prompt_mask.cumsum(1) - 1).clamp_min(0)
-    prefix = model(
-        input_ids=prompt_tokens,
-        attention_mask=prompt_mask,
-        position_ids=prompt_positions,
-        use_cache=True,
-        logits_to_keep=1,  # only the last prompt position predicts a candidate token
-    )
-    cache = getattr(prefix, "cache", None) or prefix.past_key_values
-    cache.batch_select_indices(owner)  # one cache row per (prompt, candidate) pair
-    attention = torch.cat([prompt_mask[owner], mask], dim=1)
-    positions = prompt_mask.sum(1)[owner, None] + torch.arange(tokens.shape[1], device=device)
-    cache_argument = {_cache_keyword(model): cache}
-    logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, **cache_argument).logits
-    # The first candidate token is predicted by the prompt's last position, the others by the candidate's own.
-    logits = torch.cat([prefix.logits[owner, -1:], logits[:, :-1]], dim=1)
-    token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    scores = _reduce(token_log_probs, mask, length_normalize)
-    return list(scores.split([len(rows) for rows in per_prompt]))
+    rows = [(encode_prompt(tokenizer, p), encode_candidates(tokenizer, c)) for p, c in zip(prompts, candidates)]
+    width = max(len(p) + sum(len(c) for c in cs) for p, cs in rows)
+    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
+    positions = torch.zeros(len(rows), width, dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself only
+    # For every candidate token: (row, its index), the index of the logits that predict it, its candidate's number.
+    targets, sources, owners, first_candidate = [], [], [], 0
+    for row, (prompt, cands) in enumerate(rows):
+        n = len(prompt)
+        tokens[row, :n] = torch.tensor(prompt)
+        positions[row, :n] = torch.arange(n)
+        allowed[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        start = n
+        for k, cand in enumerate(cands):
+            end = start + len(cand)
+            tokens[row, start:end] = torch.tensor(cand)
+            positions[row, start:end] = torch.arange(n, n + len(cand))
+            allowed[row, start:end, :n] = True
+            allowed[row, start:end, start:end] = torch.ones(len(cand), len(cand), dtype=torch.bool).tril()
+            targets += [(row, start + j) for j in range(len(cand))]
+            sources += [n - 1] + list(range(start, end - 1))
+            owners += [first_candidate + k] * len(cand)
+            start = end
+        first_candidate += len(cands)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    logits = model(
+        input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
+    ).logits
+    row_index = torch.tensor([r for r, _ in targets], device=device)
+    log_probs = torch.log_softmax(logits[row_index, torch.tensor(sources, device=device)].float(), dim=-1)
+    token_ids = tokens.to(device)[row_index, torch.tensor([t for _, t in targets], device=device)]
+    token_log_probs = log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    candidate_index = torch.tensor(owners, device=device)
+    totals = torch.zeros(len(token_log_probs), device=device).index_add_(0, candidate_index, token_log_probs)
+    counts = torch.zeros(len(token_log_probs), device=device).index_add_(0, candidate_index, torch.ones_like(totals))
+    scores = (totals / counts.clamp_min(1)) if length_normalize else totals
+    return list(scores[: sum(len(cs) for _, cs in rows)].split([len(cs) for _, cs in rows]))
 
 
 def batched_scores(
