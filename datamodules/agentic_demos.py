@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from datamodules.distributed import per_device_batch
 from datamodules.text_corpus import lm_batch, pad
 from envs.agentic import Task, default_tools, demonstrations, make_task
 from models.lm_factory import build_tokenizer
@@ -73,10 +74,7 @@ class AgenticDemoDataModule(LightningDataModule):
                           generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None)
 
     def train_dataloader(self) -> DataLoader:
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world_size:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
-        return self._loader("train", self.batch_size // world_size, shuffle=True)
+        return self._loader("train", per_device_batch(self, self.batch_size)[0], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.hparams.eval_batch_size, shuffle=False)

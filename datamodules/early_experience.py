@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
+from datamodules.distributed import per_device_batch
 from datamodules.text_corpus import lm_batch
 from envs.text_env import TextEnv
 from envs.tiny_shop import tiny_shop_goals
@@ -225,12 +226,9 @@ class EarlyExperienceDataModule(LightningDataModule):
         return self.pools["il"]
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        if self.batch_size % world_size:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
-        start = trainer.global_step if trainer is not None else 0
-        return DataLoader(ExperienceStream(self, self.batch_size // world_size, rank, start), batch_size=None)
+        per_device, rank, _ = per_device_batch(self, self.batch_size)
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(ExperienceStream(self, per_device, rank, start), batch_size=None)
 
     def _episodes(self) -> DataLoader:
         items = [(split, env) for split, envs in self.eval_envs.items() for env in envs]

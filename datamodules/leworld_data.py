@@ -41,6 +41,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from datamodules.distributed import per_device_batch
 from models.leworld import address_split, centered_prefix, prefix_range_mean
 
 Difficulty = Literal["easy", "medium", "hard"]
@@ -363,18 +364,12 @@ class LeWorldDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         self.split("train" if stage == "fit" else "val")
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def train_dataloader(self) -> DataLoader:
-        world_size, rank = self._world()
-        if self.batch_size % world_size:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
+        per_device, rank, world_size = per_device_batch(self, self.batch_size)
         if self.batch_size > self.hparams.train_sequences:
             raise ValueError(f"batch_size {self.batch_size} exceeds train_sequences {self.hparams.train_sequences}")
         return DataLoader(
-            EpochBatches(self, self.split("train"), self.batch_size // world_size, rank, world_size), batch_size=None
+            EpochBatches(self, self.split("train"), per_device, rank, world_size), batch_size=None
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from datamodules.distributed import per_device_batch
 from models.lm_factory import build_tokenizer, load_tokenizer
 
 # --- the generated corpus -------------------------------------------------------------------------------------
@@ -288,16 +289,6 @@ class CorpusDataModule(LightningDataModule):
         p, c = self.encode_prompt(prompt), self.encode_completion(completion)
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _per_device(self) -> int:
-        world_size, _ = self._world()
-        if self.batch_size % world_size:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
-        return self.batch_size // world_size
-
     def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
                           num_workers=self.hparams.num_workers, drop_last=shuffle and len(items) >= batch_size)
@@ -309,7 +300,7 @@ class CorpusDataModule(LightningDataModule):
         raise NotImplementedError
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.items("train"), self._per_device(), shuffle=True)
+        return self._loader(self.items("train"), per_device_batch(self, self.batch_size)[0], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.items("val"), self.hparams.eval_batch_size, shuffle=False)
@@ -418,8 +409,7 @@ class PromptDataModule(CorpusDataModule):
 
     def train_dataloader(self) -> DataLoader:
         items = self.items("train")
-        world_size, rank = self._world()
-        per_device = self._per_device()
+        per_device, rank, _ = per_device_batch(self, self.batch_size)
         generator = torch.Generator().manual_seed(self.hparams.corpus_seed + 1_000_003 * rank)
         sampler = torch.utils.data.RandomSampler(items, replacement=True,
                                                  num_samples=per_device * self.batches_per_epoch, generator=generator)

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from datamodules.distributed import per_device_batch
 from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
 
@@ -130,10 +131,6 @@ class ToolTaskDataModule(LightningDataModule):
         self.epochs_completed = state_dict["epochs_completed"]
 
     # --- data -------------------------------------------------------------------------------------------------
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def setup(self, stage: str) -> None:
         generator = torch.Generator().manual_seed(12_345)  # the same validation problems for every run
         per_stage = self.hparams.val_problems_per_stage
@@ -142,10 +139,8 @@ class ToolTaskDataModule(LightningDataModule):
         self.val_set = StageBatches(digits, stages, self.hparams.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
-        world_size, rank = self._world()
-        if self.batch_size % world_size:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by world size {world_size}")
-        stream = ProblemStream(self, self.batch_size // world_size, self.hparams.batches_per_epoch, rank)
+        per_device, rank, _ = per_device_batch(self, self.batch_size)
+        stream = ProblemStream(self, per_device, self.hparams.batches_per_epoch, rank)
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

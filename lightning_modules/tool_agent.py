@@ -136,6 +136,7 @@ class ToolAgentA2C(LightningModule):
         # Action sampling uses its own generator, reseeded every step: runs are reproducible and resume exactly.
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
         self._score_all_tokens = advantage_estimator == "seed_terminal"
+        self._trajectories: list[str] = []  # readable greedy episodes of the latest validation
         self.val_metrics = EpisodeMetrics()
         self.test_metrics = EpisodeMetrics()
 
@@ -252,7 +253,7 @@ class ToolAgentA2C(LightningModule):
         self.val_metrics.reset()
         self.log("val/greedy_acc_min", values.pop("val/greedy_acc_min"), prog_bar=True)
         self.log_dict(values)
-        self._log_trajectories(getattr(self, "_trajectories", []))
+        self._log_trajectories(self._trajectories)
         fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
         datamodule = getattr(self.trainer, "datamodule", None)
         if fitting and hasattr(datamodule, "update_curriculum"):
@@ -287,5 +288,4 @@ class ToolAgentA2C(LightningModule):
             logger.experiment.add_text("val/trajectories", "\n\n".join(lines), self.global_step)
 
     def on_train_end(self) -> None:
-        lines = getattr(self, "_trajectories", [])
-        rank_zero_info("\n".join(["Greedy trajectories after training:", *lines]))
+        rank_zero_info("\n".join(["Greedy trajectories after training:", *self._trajectories]))
