@@ -5,7 +5,8 @@ colour, size) and a price. A goal is an instruction naming a type, two attribute
 a price cap. Pages and actions:
 
 * search page: ``search[<query>]`` (any text) lists the products that best match the query words;
-* results page: ``click[<product id>]`` opens an item, ``click[back to search]`` returns;
+* results page: ``click[<product id>]`` opens an item, ``click[back to search]`` returns; products opened
+  earlier in the episode are marked ``(visited)``, as a browser marks visited links;
 * item page: ``click[<option value>]`` selects an option, ``click[buy now]`` ends the episode, ``click[< prev]``
   returns to the results.
 
@@ -13,6 +14,11 @@ Reward at purchase (WebShop's formula without its text-matching terms):
 ``r = (goal attributes the product has + option groups selected as asked + [price <= cap]) / (2 + groups + 1)``;
 success is ``r == 1``. Attribute vocabularies are disjoint across types, so a product of the wrong type scores
 only on price. Invalid actions are no-ops with the error in the observation.
+
+The scripted expert acts on what the page shows, as a person would: on the results page it opens the first
+unvisited product whose title and price fit the goal, and on the item page it goes back when a requested option
+is not offered (options are shown on the item page only). So every expert action is a function of the
+observation, and the expert's own data shows how to recover from a product that turns out not to fit.
 
 Splits: ``train`` and ``held_out`` goals are disjoint (no shared product-and-options combination) and come from
 the in-domain types; ``out_of_domain`` goals use product types never seen in the other splits.
@@ -146,13 +152,19 @@ class WebShopEnv(TextEnv):
 
     def copy(self) -> WebShopEnv:  # the catalog is shared and never changes
         clone = WebShopEnv.__new__(WebShopEnv)
-        clone.__dict__ = {**self.__dict__, "selected": dict(self.selected), "results": list(self.results)}
+        clone.__dict__ = {
+            **self.__dict__,
+            "selected": dict(self.selected),
+            "results": list(self.results),
+            "visited": set(self.visited),
+        }
         return clone
 
     def reset(self) -> str:
         self.page, self.query, self.results = "search", "", []
         self.item: Product | None = None
         self.selected: dict[str, str] = {}
+        self.visited: set[str] = set()
         self.last_error: str | None = None
         self.reward = 0.0
         return self.observation()
@@ -190,6 +202,7 @@ class WebShopEnv(TextEnv):
             if target not in shown:
                 return f"no product {target!r} on this page"
             self.page, self.item, self.selected = "item", shown[target], {}
+            self.visited.add(target)
             return None
         if target == "< prev":
             self.page, self.item = "results", None
@@ -209,7 +222,10 @@ class WebShopEnv(TextEnv):
         lines = [f"Instruction: {self.goal.instruction}", f"Page: {self.page}"]
         if self.page == "results":
             lines.append(f"Results for '{self.query}':")
-            lines += [f"[{p.id}] {p.title} ${p.price:.2f}" for p in self.results[:RESULTS_PER_PAGE]] or ["(none)"]
+            shown = self.results[:RESULTS_PER_PAGE]
+            lines += [
+                f"[{p.id}] {p.title} ${p.price:.2f}" + (" (visited)" if p.id in self.visited else "") for p in shown
+            ] or ["(none)"]
         elif self.page == "item":
             item = self.item
             lines += [
@@ -248,25 +264,29 @@ class WebShopEnv(TextEnv):
             return [f"click[{v}]" for v in values] + ["click[buy now]", "click[< prev]"]
         return []
 
-    def _satisfies(self, product: Product) -> bool:
+    def _listing_fits(self, product: Product) -> bool:
+        """What the results page shows fits the goal: type, attributes (in the title) and price."""
         goal = self.goal
         return (
             product.type == goal.type
             and set(goal.attributes) <= set(product.attributes)
-            and product.price <= goal.price_cap
-            and all(value in product.options.get(group, ()) for group, value in goal.options)
+            and (product.price <= goal.price_cap)
         )
 
+    def _options_offered(self, product: Product) -> bool:
+        return all(value in product.options.get(group, ()) for group, value in self.goal.options)
+
     def expert_action(self) -> str:
+        """The next action of a demonstrator who sees only the current page (see the module docstring)."""
         if self.page == "search":
             return f"search[{self.goal.query}]"
         if self.page == "results":
             for product in self.results[:RESULTS_PER_PAGE]:
-                if self._satisfies(product):
+                if product.id not in self.visited and self._listing_fits(product):
                     return f"click[{product.id}]"
             return "click[back to search]"
         if self.page == "item":
-            if not self._satisfies(self.item):
+            if not (self._listing_fits(self.item) and self._options_offered(self.item)):
                 return "click[< prev]"
             for group, value in self.goal.options:
                 if self.selected.get(group) != value:

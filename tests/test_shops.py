@@ -78,7 +78,28 @@ def test_expert_reaches_reward_one_on_every_goal(catalog):
     for split, count in [("train", 200), ("held_out", 60), ("out_of_domain", 60)]:
         for goal in make_goals(catalog, split, count):
             reward, steps, invalid, success = run_episode(WebShopEnv(catalog, goal), lambda e: e.expert_action())
-            assert success and reward == 1.0 and invalid == 0 and steps <= 6, (split, goal)
+            assert success and reward == 1.0 and invalid == 0 and steps <= WebShopEnv.max_steps, (split, goal)
+
+
+def test_expert_acts_on_the_page_only_and_backtracks_from_missing_options(catalog):
+    action_of: dict[str, str] = {}
+    backtracks = 0
+    for goal in make_goals(catalog, "train", 200):
+        env = WebShopEnv(catalog, goal)
+        while env.page != "done":
+            action = env.expert_action()
+            # The same page always gets the same action: nothing hidden (e.g. an item's options) steers the expert.
+            assert action_of.setdefault(env.observation(), action) == action
+            if action == "click[< prev]":
+                backtracks += 1
+                missing = [v for g, v in goal.options if v not in env.item.options.get(g, ())]
+                assert missing and all(f"click[{v}]" not in env.candidate_actions() for v in missing)
+                item = env.item.id
+                env.step(action)
+                assert f"[{item}]" in env.observation() and "(visited)" in env.observation()
+                continue
+            env.step(action)
+    assert backtracks > 0
 
 
 def test_splits_are_disjoint_and_out_of_domain_types_are_unseen(catalog):
