@@ -5,23 +5,21 @@
     python train.py fit --config configs/rlhf/ppo.yaml --model.init_args.init_from <sft.ckpt> \
         --model.init_args.reward_model_from <reward.ckpt>
 
-Each phase builds its LM with ``models.lm_factory`` (a tiny offline model by default, or ``model_name`` = a hub
-name / local folder) and the tokenizer of its DataModule. Checkpoints carry the LM's merged weights
-(``merged_lm``), so the next phase starts from them whatever adapters the previous one trained. ``init_from: null``
-starts from the base model (what ``fast_dev_run`` smoke tests use).
+Each phase is a ``lightning_modules.lm_phase.LMPhase``: it builds its LM with ``models.lm_factory`` (a tiny offline
+model by default, or ``model_name`` = a hub name / local folder) and the tokenizer of its DataModule. Checkpoints
+carry the LM's merged weights (``merged_lm``), so the next phase starts from them whatever adapters the previous one
+trained. ``init_from: null`` starts from the base model (what ``fast_dev_run`` smoke tests use).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -29,8 +27,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
+from lightning_modules.lm_phase import LMPhase, load_phase_checkpoint
 from lightning_modules.rl import gae, masked_mean, masked_normalize
-from models.lm_factory import LoraSettings, build_causal_lm, merged_state_dict
 from models.lm_rollout import (
     AdaptiveKLController,
     RewardModel,
@@ -42,99 +40,7 @@ from models.lm_rollout import (
 )
 
 
-def load_phase_checkpoint(path: str) -> dict[str, Any]:
-    """An earlier phase's checkpoint (tensors and plain values only: ``weights_only=True``)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist (init_from / reward_model_from)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "merged_lm" not in checkpoint:
-        raise ValueError(
-            f"{path!r} has no merged LM weights: it was not written by an RLHF phase, or its LM was 4-bit "
-            "(train the phase that feeds another one without load_in_4bit)"
-        )
-    return checkpoint
-
-
-class _LMPhase(LightningModule):
-    """Builds the LM in ``configure_model`` (once the DataModule's tokenizer is known) and exports merged weights."""
-
-    def __init__(
-        self,
-        model_name: str = "tiny-llama",
-        init_from: str | None = None,
-        hidden_size: int = 128,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        lora_r: int | None = None,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | str = "auto",
-        load_in_4bit: bool = False,
-        trust_remote_code: bool = False,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-    ) -> None:
-        super().__init__()
-        if min(hidden_size, num_layers, num_heads) < 1:
-            raise ValueError("hidden_size, num_layers and num_heads must be >= 1")
-        if load_in_4bit and lora_r is None:
-            raise ValueError("load_in_4bit needs a LoRA adapter (set lora_r)")
-        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target_modules) if lora_r else None
-        self.optimizer_factory = optimizer
-        self.tokenizer = None
-        self.lm: nn.Module | None = None
-
-    # --- building ---------------------------------------------------------------------------------------------
-    def _tokenizer(self):
-        if self.tokenizer is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None or not hasattr(datamodule, "tokenizer"):
-                raise RuntimeError(f"{type(self).__name__} needs a tokenizer: use a corpus DataModule or call build()")
-            self.tokenizer = datamodule.tokenizer
-        return self.tokenizer
-
-    def _build_lm(self, state_dict: dict[str, Tensor] | None, lora: LoraSettings | None, **overrides) -> nn.Module:
-        hp = self.hparams
-        settings = dict(model_name=hp.model_name, hidden_size=hp.hidden_size, num_layers=hp.num_layers,
-                        num_heads=hp.num_heads) | overrides
-        lm = build_causal_lm(
-            settings["model_name"], self.tokenizer, lora=lora, load_in_4bit=hp.load_in_4bit and lora is not None,
-            state_dict=state_dict, trust_remote_code=hp.trust_remote_code, hidden_size=settings["hidden_size"],
-            num_layers=settings["num_layers"], num_heads=settings["num_heads"],
-        )
-        rows = lm.get_input_embeddings().weight.shape[0]
-        if rows < len(self.tokenizer):
-            raise ValueError(f"the model has {rows} token embeddings; the tokenizer has {len(self.tokenizer)} tokens")
-        return lm
-
-    def build(self, tokenizer=None) -> None:
-        """Build the networks (Lightning calls this through ``configure_model``; call it yourself outside a
-        Trainer)."""
-        if tokenizer is not None:
-            self.tokenizer = tokenizer
-        if self.lm is None:
-            self._tokenizer()
-            self._build()
-
-    def configure_model(self) -> None:
-        self.build()
-
-    def _build(self) -> None:
-        raise NotImplementedError
-
-    def _init_state(self) -> dict[str, Tensor] | None:
-        if self.hparams.init_from is None:
-            return None
-        return load_phase_checkpoint(self.hparams.init_from)["merged_lm"]
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.hparams.load_in_4bit:
-            checkpoint["merged_lm"] = merged_state_dict(self.lm)
-
-
-class CausalLMSFT(_LMPhase):
+class CausalLMSFT(LMPhase):
     """Supervised fine-tuning with the causal-LM loss on the labelled tokens (the completion, with a
     ``TextCorpusDataModule(completion_only=true)``), full or through a LoRA adapter.
 
@@ -214,7 +120,7 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, center_coef: float) -> 
     return -F.logsigmoid(chosen - rejected).mean() + center_coef * ((chosen + rejected) ** 2).mean()
 
 
-class PairwiseRewardModel(_LMPhase):
+class PairwiseRewardModel(LMPhase):
     """A scalar reward model trained on preference pairs with the Bradley-Terry loss and reward centring.
 
     Logged metrics: ``train/loss``, ``train/acc`` (share of pairs where the chosen text scores higher),
@@ -362,7 +268,7 @@ class GenerationMetrics(nn.Module):
         self.texts = []
 
 
-class PPORLHF(_LMPhase):
+class PPORLHF(LMPhase):
     """PPO of a LoRA adapter on the SFT model against a frozen reward model, with manual optimisation.
 
     Every ``ppo_epochs * rollout_batch // minibatch_size`` training steps form one PPO iteration: its first step
