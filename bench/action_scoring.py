@@ -1,9 +1,11 @@
 """Batched candidate-action scoring against one forward pass per candidate (the seed's way).
 
     python bench/action_scoring.py [--states 32] [--repeats 5] [--model tiny-smollm3]
+    python bench/action_scoring.py --model smollm3-3b-shape --device cuda --dtype bfloat16 [--load-in-4bit]
 
 States are web-shop pages visited by the scripted expert; each is scored over all of its candidate actions with
-the same tiny model both ways, in one run. Last line: ``action_scoring: speedup=<ratio> max_abs_diff=<x>``.
+the same model both ways, in one run. ``smollm3-3b-shape`` is a model with SmolLM3-3B's configuration and random
+weights (no download). Last line: ``action_scoring: speedup=<ratio> max_abs_diff=<x>``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from envs.web_shop import WebShopEnv, make_catalog, make_goals  # noqa: E402
 from models.action_scorer import naive_scores, score_candidates  # noqa: E402
-from models.lm_factory import build_causal_lm, build_tokenizer  # noqa: E402
+from models.lm_factory import build_causal_lm, build_tokenizer, quantize_4bit  # noqa: E402
+
+
+def build_model(name: str, tokenizer, device: str, dtype: torch.dtype, load_in_4bit: bool) -> torch.nn.Module:
+    """The tiny model, or one with SmolLM3-3B's shape and random weights; optionally 4-bit NF4."""
+    if name == "smollm3-3b-shape":
+        from transformers import SmolLM3Config
+
+        name = SmolLM3Config(  # SmolLM3Config's defaults are SmolLM3-3B's sizes
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    if load_in_4bit:  # bitsandbytes quantises while loading saved weights
+        return quantize_4bit(build_causal_lm(name, tokenizer, dtype=dtype), dtype, device).eval()
+    with torch.device(device):  # initialise a large model where it will run
+        return build_causal_lm(name, tokenizer, dtype=dtype).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def expert_states(count: int) -> tuple[list[str], list[list[str]], list[str]]:
@@ -40,13 +63,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--states", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--model", default="tiny-smollm3")
+    parser.add_argument("--model", default="tiny-smollm3", help="tiny-smollm3, tiny-llama or smollm3-3b-shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights (bitsandbytes)")
     args = parser.parse_args()
 
     prompts, candidates, texts = expert_states(args.states)
     tokenizer = build_tokenizer(texts, vocab_size=512)
     torch.manual_seed(0)
-    model = build_causal_lm(args.model, tokenizer).eval()
+    model = build_model(args.model, tokenizer, args.device, getattr(torch, args.dtype), args.load_in_4bit)
 
     batched = score_candidates(model, tokenizer, prompts, candidates)
     naive = [naive_scores(model, tokenizer, p, c) for p, c in zip(prompts, candidates)]
@@ -55,15 +81,18 @@ def main() -> None:
     def timed(fn) -> float:
         best = float("inf")
         for _ in range(args.repeats):
+            sync(args.device)
             start = time.perf_counter()
             fn()
+            sync(args.device)
             best = min(best, time.perf_counter() - start)
         return best
 
     batched_s = timed(lambda: score_candidates(model, tokenizer, prompts, candidates))
     naive_s = timed(lambda: [naive_scores(model, tokenizer, p, c) for p, c in zip(prompts, candidates)])
     pairs = sum(len(c) for c in candidates)
-    print(f"{len(prompts)} states, {pairs} candidates, model {args.model} on {next(model.parameters()).device}")
+    device = next(model.parameters()).device
+    print(f"{len(prompts)} states, {pairs} candidates, {args.model} {args.dtype} 4-bit={args.load_in_4bit} {device}")
     print(f"batched: {batched_s * 1e3:.1f} ms   one pass per candidate: {naive_s * 1e3:.1f} ms")
     print(f"action_scoring: speedup={naive_s / batched_s:.2f} max_abs_diff={max_abs_diff:.2e}")
 

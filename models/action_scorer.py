@@ -51,43 +51,55 @@ def score_candidates(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [(encode_prompt(tokenizer, p), encode_candidates(tokenizer, c)) for p, c in zip(prompts, candidates)]
-    width = max(len(p) + sum(len(c) for c in cs) for p, cs in rows)
-    tokens = torch.full((len(rows), width), pad, dtype=torch.long)
-    positions = torch.zeros(len(rows), width, dtype=torch.long)
-    allowed = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # padding attends to itself only
-    # For every candidate token: (row, its index), the index of the logits that predict it, its candidate's number.
-    targets, sources, owners, first_candidate = [], [], [], 0
+    # Per row: the packed tokens, their position ids and segment ids (0: prompt, k + 1: candidate k).
+    packed_tokens, packed_positions, packed_segments = [], [], []
+    targets, sources = [], []  # every candidate token (row, column) and the column whose logits predict it
     for row, (prompt, cands) in enumerate(rows):
         n = len(prompt)
-        tokens[row, :n] = torch.tensor(prompt)
-        positions[row, :n] = torch.arange(n)
-        allowed[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
-        start = n
+        tokens, positions, segments = list(prompt), list(range(n)), [0] * n
         for k, cand in enumerate(cands):
-            end = start + len(cand)
-            tokens[row, start:end] = torch.tensor(cand)
-            positions[row, start:end] = torch.arange(n, n + len(cand))
-            allowed[row, start:end, :n] = True
-            allowed[row, start:end, start:end] = torch.ones(len(cand), len(cand), dtype=torch.bool).tril()
+            start = len(tokens)
             targets += [(row, start + j) for j in range(len(cand))]
-            sources += [n - 1] + list(range(start, end - 1))
-            owners += [first_candidate + k] * len(cand)
-            start = end
-        first_candidate += len(cands)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    logits = model(
+            sources += [n - 1, *range(start, start + len(cand) - 1)]
+            tokens += cand
+            positions += range(n, n + len(cand))
+            segments += [k + 1] * len(cand)
+        packed_tokens.append(tokens)
+        packed_positions.append(positions)
+        packed_segments.append(segments)
+    tokens = _pad(packed_tokens, pad)
+    positions = _pad(packed_positions, 0)
+    segments = _pad(packed_segments, -1)
+    mask = _packed_attention_mask(segments, next(p for p in model.parameters() if p.is_floating_point()).dtype)
+    # Only candidate tokens need logits: run the decoder, then the output layer on the predicting columns only.
+    hidden = model.get_decoder()(
         input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
-    ).logits
+    ).last_hidden_state
     row_index = torch.tensor([r for r, _ in targets], device=device)
-    log_probs = torch.log_softmax(logits[row_index, torch.tensor(sources, device=device)].float(), dim=-1)
+    logits = model.get_output_embeddings()(hidden[row_index, torch.tensor(sources, device=device)])
     token_ids = tokens.to(device)[row_index, torch.tensor([t for _, t in targets], device=device)]
-    token_log_probs = log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-    candidate_index = torch.tensor(owners, device=device)
-    totals = torch.zeros(len(token_log_probs), device=device).index_add_(0, candidate_index, token_log_probs)
-    counts = torch.zeros(len(token_log_probs), device=device).index_add_(0, candidate_index, torch.ones_like(totals))
-    scores = (totals / counts.clamp_min(1)) if length_normalize else totals
-    return list(scores[: sum(len(cs) for _, cs in rows)].split([len(cs) for _, cs in rows]))
+    token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+    counts = [len(c) for _, cands in rows for c in cands]
+    owners = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+    totals = torch.zeros(len(counts), device=device).index_add_(0, owners, token_log_probs)
+    scores = totals / torch.tensor(counts, device=device) if length_normalize else totals
+    return list(scores.split([len(cands) for _, cands in rows]))
+
+
+def _pad(rows: list[list[int]], value: int) -> Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _packed_attention_mask(segments: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``[B, 1, W, W]``: a token sees earlier tokens of the prompt (segment 0) and of its own segment;
+    padding (segment -1) sees itself only, so no row of the softmax is empty."""
+    width = segments.shape[1]
+    index = torch.arange(width)
+    causal = index[:, None] >= index[None, :]
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def batched_scores(

@@ -6,7 +6,7 @@ import torch
 from envs.tiny_shop import TinyShopEnv
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
 from models.action_scorer import batched_scores, choose_action, naive_scores, score_candidates
-from models.lm_factory import build_causal_lm, build_tokenizer
+from models.lm_factory import LoraSettings, build_causal_lm, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,18 @@ def test_choose_action_takes_the_best_and_rejects_empty_input(lm, states):
         batched_scores(model, tokenizer, prompt, [])
     with pytest.raises(ValueError, match="prompts but"):
         score_candidates(model, tokenizer, [prompt], [cands, cands])
+
+
+def test_batched_scores_equal_naive_scores_through_a_lora_adapter(lm, states):
+    model, tokenizer = lm
+    torch.manual_seed(1)
+    adapted = build_causal_lm(model.config, tokenizer, lora=LoraSettings(r=4)).eval()
+    adapted.load_state_dict({f"base_model.model.{k}": v for k, v in model.state_dict().items()}, strict=False)
+    for name, weight in adapted.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: make the adapter change the scores
+            torch.nn.init.normal_(weight, std=0.5)
+    prompts, candidates = states
+    batched = score_candidates(adapted, tokenizer, prompts[:3], candidates[:3])
+    for prompt, cands, scores in zip(prompts, candidates, batched):
+        assert torch.allclose(scores, naive_scores(adapted, tokenizer, prompt, cands), atol=1e-4)
+        assert not torch.allclose(scores, naive_scores(model, tokenizer, prompt, cands), atol=1e-3)
