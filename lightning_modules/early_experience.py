@@ -11,10 +11,11 @@ Logged: ``train/loss``; per split (``train``, ``held_out``, ``out_of_domain``) `
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
@@ -22,8 +23,8 @@ from torchmetrics import MeanMetric
 from datamodules.early_experience import policy_prompt
 from envs.text_env import TextEnv
 from experiment.save_config import run_dir
+from lightning_modules.lm_phase import LMPhase
 from models.action_scorer import score_candidates
-from models.lm_factory import LoraSettings, build_causal_lm
 
 SPLITS = ("train", "held_out", "out_of_domain")
 EPISODE_METRICS = ("success", "reward", "invalid_rate", "episode_length")
@@ -53,12 +54,13 @@ class EpisodeStats(nn.Module):
         return out
 
 
-class EarlyExperienceAgent(LightningModule):
+class EarlyExperienceAgent(LMPhase):
     """Causal LM policy trained with the completion-only LM loss on IL / IWM / SR examples."""
 
     def __init__(
         self,
         model_name: str = "tiny-smollm3",
+        init_from: str | None = None,
         hidden_size: int = 128,
         num_layers: int = 2,
         num_heads: int = 4,
@@ -71,10 +73,12 @@ class EarlyExperienceAgent(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         length_normalize: bool = False,
         save_adapter: bool = True,
+        evaluate_before_training: bool = True,
     ) -> None:
         """
         Args:
             model_name: ``tiny-smollm3`` / ``tiny-llama`` (built from a config, offline), a hub name or a local folder.
+            init_from: Checkpoint of an earlier LM phase whose merged weights to start from (``null``: the base).
             hidden_size: Width of a tiny model.
             num_layers: Depth of a tiny model.
             num_heads: Attention heads of a tiny model.
@@ -87,46 +91,22 @@ class EarlyExperienceAgent(LightningModule):
             optimizer: Optimiser factory.
             length_normalize: Score candidate actions by mean instead of summed token log-probability.
             save_adapter: After fitting, save the LoRA adapter in peft format to ``<run folder>/adapter``.
+            evaluate_before_training: Run the evaluation episodes once before the first update and log them at
+                step 0 (the "before training" row of the results).
         """
-        super().__init__()
-        if load_in_4bit and lora_r is None:
-            raise ValueError("load_in_4bit trains through a LoRA adapter: set lora_r")
+        super().__init__(
+            model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
+            lora_target_modules, load_in_4bit, trust_remote_code, optimizer,
+        )
         self.save_hyperparameters(ignore=["optimizer"])
-        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target_modules) if lora_r else None
-        self.optimizer_factory = optimizer
-        self.tokenizer = None
-        self.model: nn.Module | None = None
         self.val_stats = EpisodeStats()
         self.test_stats = EpisodeStats()
 
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None or not hasattr(datamodule, "tokenizer"):
-            raise RuntimeError("EarlyExperienceAgent needs the tokenizer of an EarlyExperienceDataModule")
-        self.build(datamodule.tokenizer)
-
-    def build(self, tokenizer) -> None:
-        """Build the LM for ``tokenizer`` (Lightning does this in ``configure_model``)."""
-        hp = self.hparams
-        self.tokenizer = tokenizer
-        self.model = build_causal_lm(
-            hp.model_name,
-            tokenizer,
-            lora=self.lora,
-            load_in_4bit=hp.load_in_4bit,
-            trust_remote_code=hp.trust_remote_code,
-            hidden_size=hp.hidden_size,
-            num_layers=hp.num_layers,
-            num_heads=hp.num_heads,
-        )
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+    def _build(self) -> None:
+        self.lm = self._build_lm(self._init_state(), self.lora)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = self.lm(**batch).loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
@@ -136,13 +116,13 @@ class EarlyExperienceAgent(LightningModule):
         """The best-scoring candidate action of each environment's current page, all scored in one batch."""
         candidates = [env.candidate_actions() for env in envs]
         prompts = [policy_prompt(env.observation()) for env in envs]
-        scores = score_candidates(self.model, self.tokenizer, prompts, candidates, self.hparams.length_normalize)
+        scores = score_candidates(self.lm, self.tokenizer, prompts, candidates, self.hparams.length_normalize)
         return [c[int(s.argmax())] for c, s in zip(candidates, scores)]
 
     def run_episodes(self, envs: list[TextEnv]) -> list[tuple[float, int, int]]:
         """Greedy episodes in copies of ``envs``: ``(reward, steps, invalid actions)`` each."""
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.lm.training
+        self.lm.eval()
         envs = [env.copy() for env in envs]
         for env in envs:
             env.reset()
@@ -157,7 +137,7 @@ class EarlyExperienceAgent(LightningModule):
                 outcomes[i][2] += result.error is not None
                 done[i] = result.done or outcomes[i][1] >= envs[i].max_steps
             active = [i for i in active if not done[i]]
-        self.model.train(was_training)
+        self.lm.train(was_training)
         return [tuple(o) for o in outcomes]
 
     def _evaluate(self, batch: list[tuple[str, TextEnv]], stats: EpisodeStats) -> None:
@@ -177,6 +157,20 @@ class EarlyExperienceAgent(LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_stats.compute_and_reset("test"))
 
+    def on_train_start(self) -> None:
+        # Outside Lightning's validation loop (which would not run before the first update): every rank plays all
+        # episodes, rank 0 logs them at step 0.
+        if not self.hparams.evaluate_before_training or self.global_step > 0:
+            return
+        loader = self.trainer.datamodule.val_dataloader()
+        limit = self.trainer.limit_val_batches  # honoured as in validation (fast_dev_run sets it to 1)
+        limit = limit if isinstance(limit, int) else math.ceil(limit * len(loader))
+        for batch in itertools.islice(loader, limit):
+            self._evaluate(batch, self.val_stats)
+        metrics = {k: float(v) for k, v in self.val_stats.compute_and_reset("val").items()}
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+
     def on_fit_end(self) -> None:
         if self.hparams.save_adapter and self.lora is not None and self.trainer.is_global_zero:
-            self.model.save_pretrained(os.path.join(run_dir(self.trainer), "adapter"))
+            self.lm.save_pretrained(os.path.join(run_dir(self.trainer), "adapter"))

@@ -1,6 +1,10 @@
 """Early-experience data (branching, IL / IWM / SR examples, completion-only labels) and the agent's episodes."""
 
+import csv
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from datamodules.early_experience import (
 from envs.tiny_shop import TinyShopEnv
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
 from lightning_modules.early_experience import EarlyExperienceAgent
+from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +128,75 @@ def test_episodes_count_invalid_actions_and_leave_the_goals_untouched(tiny_data)
     for (reward, steps, invalid), env in zip(outcomes, envs):
         assert 1 <= steps <= env.max_steps and 0 <= invalid <= steps and reward in (0.0, 1.0)
         assert env.selected is None  # evaluation ran in copies
+
+
+def test_malformed_actions_from_the_model_are_no_ops_counted_as_invalid(tiny_data, monkeypatch):
+    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2)
+    agent.build(tiny_data.tokenizer)
+    replies = iter(["", "ACTION: FLY", "SELECT color=purple", "\x00{]"] * 10)
+    monkeypatch.setattr(agent, "act", lambda envs: [next(replies) for _ in envs])
+    env = tiny_data.eval_envs["held_out"][0]
+    [(reward, steps, invalid)] = agent.run_episodes([env])
+    assert (reward, steps, invalid) == (0.0, env.max_steps, env.max_steps)
+
+
+def test_4bit_lora_agent_trains_only_its_adapter_on_cpu(tiny_data):
+    torch.manual_seed(0)
+    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2, lora_r=4, load_in_4bit=True)
+    agent.build(tiny_data.tokenizer)
+    before = {n: p.detach().clone() for n, p in agent.named_parameters()}
+    optimizer = agent.configure_optimizers()
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {
+        id(p) for n, p in agent.named_parameters() if "lora_" in n
+    }
+    for step in range(3):
+        loss = agent.training_step(tiny_data.collate(tiny_data.pools["il"][step * 4 : step * 4 + 4]), step)
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in agent.named_parameters():
+        assert torch.equal(param, before[name]) != ("lora_" in name), name  # the adapter moved, nothing else did
+    assert any(type(m).__name__ == "Linear4bit" for m in agent.lm.modules())
+
+
+def _fit_tiny_shop(folder, *extra):
+    """``train.py fit`` of the tiny-shop config at test size, in a subprocess; returns its parameters per rank."""
+    out = folder / "params"
+    command = [
+        sys.executable, str(REPO / "train.py"), "fit",
+        "--config", str(REPO / "configs/early_experience/tiny_shop_il.yaml"),
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(folder),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(folder),
+        "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        "--model.init_args.hidden_size", "32", "--model.init_args.num_heads", "2", "--model.init_args.num_layers", "1",
+        "--data.init_args.train_goals", "8", "--data.init_args.eval_goals", "4", "--data.init_args.batch_size", "4",
+        "--data.init_args.tokenizer_cache", str(folder.parent / "tok"),
+        "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}",
+        *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=folder.parent, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
+
+
+def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
+    (full,) = _fit_tiny_shop(tmp_path / "full", "--trainer.max_steps", "6")
+    (_,) = _fit_tiny_shop(tmp_path / "half", "--trainer.max_steps", "3")
+    checkpoint = next((tmp_path / "half").rglob("last.ckpt"))
+    (resumed,) = _fit_tiny_shop(tmp_path / "half", "--trainer.max_steps", "6", "--ckpt_path", str(checkpoint))
+    assert full.keys() == resumed.keys()
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+    with open(next((tmp_path / "full").rglob("metrics.csv"))) as handle:
+        steps = [row["step"] for row in csv.DictReader(handle) if row["val/success/held_out"]]
+    assert steps == ["0", "2", "5"]  # the evaluation before training is logged at step 0
+
+
+def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
+    rank0, rank1 = _fit_tiny_shop(
+        tmp_path / "ddp", "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "3"
+    )
+    assert rank0.keys() == rank1.keys()
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
