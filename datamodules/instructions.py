@@ -1,0 +1,346 @@
+"""Instruction data (instruction / input / output) for LoRA SFT, with the loss on the response only.
+
+The offline default is a generated *world*: people with attributes (home town, job, colour, pet, food). A passage
+states one person's facts; questions ask them back. People are split four ways:
+
+- ``train``: every instruction type (closed-book questions, questions with the passage in the input, and the
+  three self-edit writing tasks: question-answer pairs, a restatement, implications of the passage);
+- ``val`` / ``test``: the tasks that can be solved from the input alone (questions with the passage, self-edit
+  writing), so the validation loss measures instruction following, not memorised facts;
+- ``knowledge``: passages the model never trains on, with held-out closed-book questions. The SEAL stage turns
+  these passages into self-edits and the QA evaluation asks the questions.
+
+Local JSON / JSONL files or a ``datasets`` name can replace the generated set (``files`` / ``dataset``); a
+``knowledge_file`` (JSONL of ``{"passage": ..., "questions": [{"question": ..., "answer": ...}]}``) then
+supplies the SEAL passages and held-out questions.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.distributed import per_device_batch
+from datamodules.text_corpus import lm_batch
+from models.lm_factory import build_tokenizer, load_tokenizer
+
+FIRST = ["Ma", "Lo", "Ri", "Te", "Su", "Ka", "No", "Vi", "Da", "Pe", "Jo", "Ze"]
+LAST = ["ra", "len", "mo", "tis", "na", "rek", "lia", "dor", "son", "ya"]
+ATTRIBUTES: dict[str, list[str]] = {
+    "city": ["Oakvale", "Pinecrest", "Riverton", "Stonebridge", "Mapleton", "Westford", "Lakeside", "Hillcrest"],
+    "job": ["baker", "farmer", "teacher", "painter", "doctor", "sailor", "singer", "builder"],
+    "colour": ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"],
+    "pet": ["cat", "dog", "parrot", "rabbit", "turtle", "horse", "goat", "hamster"],
+    "food": ["apples", "bread", "rice", "soup", "cheese", "fish", "noodles", "cake"],
+}
+STATEMENT = {"city": "{n} lives in {v}.", "job": "{n} works as a {v}.", "colour": "{n}'s favourite colour is {v}.",
+             "pet": "{n} has a pet {v}.", "food": "{n} likes to eat {v}."}
+RESTATEMENT = {"city": "The home town of {n} is {v}.", "job": "The job of {n} is {v}.",
+               "colour": "The colour {n} likes best is {v}.", "pet": "The pet of {n} is a {v}.",
+               "food": "The food {n} likes is {v}."}
+IMPLICATION = {"city": "{n} can often be seen in {v}.", "job": "Every day {n} goes to work as a {v}.",
+               "colour": "{n} would pick {v} over other colours.", "pet": "{n} takes care of a {v}.",
+               "food": "{n} often eats {v}."}
+QUESTION = {"city": "Where does {n} live?", "job": "What is the job of {n}?",
+            "colour": "What is the favourite colour of {n}?", "pet": "What pet does {n} have?",
+            "food": "What does {n} like to eat?"}
+ASK = "Answer the question."
+ASK_WITH_PASSAGE = "Answer the question using the passage."
+WRITE = {"qa": "Write question-answer pairs about the passage.", "restatement": "Restate the passage.",
+         "implications": "List implications of the passage."}
+EDIT_KINDS: tuple[str, ...] = tuple(WRITE)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-following example."""
+
+    instruction: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """A passage the model has not trained on and the held-out questions it answers."""
+
+    passage: str
+    questions: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Person:
+    """One generated person and their facts."""
+
+    name: str
+    facts: tuple[tuple[str, str], ...]
+
+    def text(self, templates: dict[str, str]) -> str:
+        return " ".join(templates[a].format(n=self.name, v=v) for a, v in self.facts)
+
+    @property
+    def passage(self) -> str:
+        return self.text(STATEMENT)
+
+    def questions(self) -> list[tuple[str, str]]:
+        return [(QUESTION[a].format(n=self.name), v) for a, v in self.facts]
+
+
+def qa_text(pairs: list[tuple[str, str]]) -> str:
+    """Self-edit text of question-answer pairs, one ``Q: ... A: ...`` per line."""
+    return "\n".join(f"Q: {q} A: {a}" for q, a in pairs)
+
+
+def parse_qa_text(text: str) -> list[tuple[str, str]]:
+    """``(question, answer)`` pairs in a ``Q: ... A: ...`` text (what a model wrote; malformed lines skipped)."""
+    pairs = []
+    for match in re.finditer(r"Q:\s*(.+?\?)\s*A:\s*([^\n]+?)\s*(?=Q:|\n|$)", text):
+        question, answer = match.group(1).strip(), match.group(2).strip().rstrip(".")
+        if question and answer:
+            pairs.append((question, answer))
+    return pairs
+
+
+def self_edit(person: Person, kind: str) -> str:
+    """The reference self-edit of ``kind`` for a person's passage (the training target of the writing tasks)."""
+    if kind == "qa":
+        return qa_text(person.questions())
+    if kind == "restatement":
+        return person.text(RESTATEMENT)
+    if kind == "implications":
+        return person.text(IMPLICATION)
+    raise ValueError(f"unknown self-edit kind {kind!r}; expected one of {EDIT_KINDS}")
+
+
+def generate_people(count: int, seed: int = 0) -> list[Person]:
+    """``count`` people with distinct names and random facts (the same for the same arguments)."""
+    names = [f + m + last for f in FIRST for m in ("", "li", "ro") for last in LAST]
+    if count > len(names):
+        raise ValueError(f"at most {len(names)} people can be generated, got {count}")
+    rng = random.Random(seed)
+    chosen = rng.sample(names, count)
+    return [Person(n, tuple((a, rng.choice(vs)) for a, vs in ATTRIBUTES.items())) for n in chosen]
+
+
+def person_examples(person: Person, closed_book: bool, open_book: int, rng: random.Random) -> list[Example]:
+    """Instruction examples about one person: closed-book questions, ``open_book`` questions with the passage in
+    the input, and the three self-edit writing tasks."""
+    questions = person.questions()
+    out = [Example(ASK, q, a) for q, a in questions] if closed_book else []
+    for q, a in rng.sample(questions, min(open_book, len(questions))):
+        out.append(Example(ASK_WITH_PASSAGE, f"{person.passage}\nQuestion: {q}", a))
+    out += [Example(WRITE[k], person.passage, self_edit(person, k)) for k in EDIT_KINDS]
+    return out
+
+
+def format_prompt(instruction: str, input: str = "") -> str:
+    """The prompt of an example; the response follows it."""
+    body = f"Instruction: {instruction}\n"
+    if input:
+        body += f"Input: {input}\n"
+    return body + "Response:"
+
+
+def read_examples(path: str) -> list[Example]:
+    """Examples of a local ``.json`` (a list of records) or ``.jsonl`` file with instruction / input / output."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"instruction file {path!r} does not exist")
+    try:
+        records = (json.loads(file.read_text()) if file.suffix == ".json"
+                   else [json.loads(line) for line in file.read_text().splitlines() if line.strip()])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON / JSONL: {error}") from error
+    return [_example(record, f"{path}[{i}]") for i, record in enumerate(records)]
+
+
+def _example(record: dict, where: str) -> Example:
+    if not isinstance(record, dict) or "instruction" not in record or "output" not in record:
+        raise ValueError(f"{where} needs the fields 'instruction' and 'output' (and optionally 'input')")
+    return Example(str(record["instruction"]), str(record.get("input") or ""), str(record["output"]))
+
+
+def load_dataset_examples(name: str, split: str) -> list[Example]:
+    """Examples of a ``datasets`` dataset (a hub name, or a local folder the library can read)."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError("loading a `datasets` name needs the datasets library: pip install datasets") from error
+    return [_example(dict(r), f"{name}[{i}]") for i, r in enumerate(datasets.load_dataset(name, split=split))]
+
+
+def read_knowledge(path: str) -> list[Knowledge]:
+    """SEAL passages with held-out questions from a JSONL file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"knowledge file {path!r} does not exist")
+    out = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "passage" not in record or not record.get("questions"):
+            raise ValueError(f"{path}:{number} needs 'passage' and a non-empty 'questions' list")
+        out.append(Knowledge(record["passage"], tuple((q["question"], q["answer"]) for q in record["questions"])))
+    return out
+
+
+class InstructionDataModule(LightningDataModule):
+    """Instruction examples, their tokenizer and splits; batches of ``input_ids`` / ``attention_mask`` / ``labels``
+    with ``-100`` on the prompt and on padding (the loss is taken on the response only)."""
+
+    def __init__(
+        self,
+        files: list[str] | None = None,
+        dataset: str | None = None,
+        dataset_split: str = "train",
+        knowledge_file: str | None = None,
+        num_people: int = 72,
+        num_val_people: int = 8,
+        num_test_people: int = 8,
+        num_knowledge_people: int = 8,
+        open_book_questions: int = 2,
+        world_seed: int = 0,
+        val_fraction: float = 0.1,
+        tokenizer: str | None = None,
+        vocab_size: int = 512,
+        tokenizer_cache: str | None = None,
+        max_length: int = 160,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+    ) -> None:
+        """
+        Args:
+            files: Local ``.json`` / ``.jsonl`` files of instruction / input / output records; ``null`` (and no
+                ``dataset``) generates the offline world.
+            dataset: A ``datasets`` name (or local folder) with instruction / input / output columns.
+            dataset_split: Split of ``dataset`` to read.
+            knowledge_file: JSONL of SEAL passages with held-out questions (local data only; the generated world
+                has its own).
+            num_people: People in the generated world (all splits).
+            num_val_people: Generated people whose examples form the validation set.
+            num_test_people: Generated people whose examples form the test set.
+            num_knowledge_people: Generated people whose passages are held out for SEAL and the QA evaluation.
+            open_book_questions: Questions per person asked with the passage in the input.
+            world_seed: Seed of the generated world and of the split of local data.
+            val_fraction: Share of local examples held out for validation (and the same again for testing).
+            tokenizer: A hub name or local folder of a pretrained tokenizer; ``null`` trains a BPE tokenizer on
+                the training text (cached).
+            vocab_size: Size of the trained tokenizer.
+            tokenizer_cache: Folder of cached tokenizers (``null``: ``~/.cache/experiential-agents/tokenizers``).
+            max_length: Longest token sequence (prompt + response); longer responses are cut.
+            batch_size: Training batch size, summed over all devices.
+            eval_batch_size: Validation / test batch size per device.
+        """
+        super().__init__()
+        if files and dataset:
+            raise ValueError("give either files or dataset, not both")
+        if batch_size < 1 or eval_batch_size < 1 or max_length < 16:
+            raise ValueError("batch_size and eval_batch_size must be >= 1, max_length >= 16")
+        if not 0.0 < val_fraction < 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        if files or dataset:
+            self.examples, self.knowledge = self._local(files, dataset, dataset_split, knowledge_file)
+        else:
+            self.examples, self.knowledge = self._generated()
+        if not self.examples["train"] or not self.examples["val"]:
+            raise ValueError("no training or validation examples: give more data")
+        texts = [format_prompt(e.instruction, e.input) + " " + e.output for e in self.examples["train"]]
+        texts += [k.passage for k in self.knowledge]
+        self.tokenizer = (build_tokenizer(texts, vocab_size, tokenizer_cache) if tokenizer is None
+                          else load_tokenizer(tokenizer))
+
+    # --- data -------------------------------------------------------------------------------------------------
+    def _generated(self) -> tuple[dict[str, list[Example]], list[Knowledge]]:
+        hp = self.hparams
+        held_out = hp.num_val_people + hp.num_test_people + hp.num_knowledge_people
+        if hp.num_people - held_out < 4 or min(hp.num_val_people, hp.num_knowledge_people) < 1:
+            raise ValueError(f"num_people ({hp.num_people}) must exceed the held-out people ({held_out}) by >= 4, "
+                             "with at least one validation and one knowledge person")
+        people = generate_people(hp.num_people, hp.world_seed)
+        rng = random.Random(hp.world_seed + 1)
+        knowledge_people = people[:hp.num_knowledge_people]
+        val = people[hp.num_knowledge_people:hp.num_knowledge_people + hp.num_val_people]
+        test = people[hp.num_knowledge_people + hp.num_val_people:held_out]
+        train = people[held_out:]
+        examples = {
+            "train": [e for p in train for e in person_examples(p, True, hp.open_book_questions, rng)],
+            "val": [e for p in val for e in person_examples(p, False, hp.open_book_questions, rng)],
+            "test": [e for p in test for e in person_examples(p, False, hp.open_book_questions, rng)],
+        }
+        rng.shuffle(examples["train"])
+        self.people = {"train": train, "val": val, "test": test, "knowledge": knowledge_people}
+        return examples, [Knowledge(p.passage, tuple(p.questions())) for p in knowledge_people]
+
+    def _local(self, files, dataset, split, knowledge_file) -> tuple[dict[str, list[Example]], list[Knowledge]]:
+        records = ([e for f in files for e in read_examples(f)] if files
+                   else load_dataset_examples(dataset, split))
+        rng = random.Random(self.hparams.world_seed)
+        rng.shuffle(records)
+        n = max(1, int(len(records) * self.hparams.val_fraction))
+        examples = {"val": records[:n], "test": records[n:2 * n], "train": records[2 * n:]}
+        self.people = {}
+        return examples, read_knowledge(knowledge_file) if knowledge_file else []
+
+    # --- tokens -----------------------------------------------------------------------------------------------
+    def encode(self, prompt: str, response: str | None = None) -> tuple[list[int], list[int]]:
+        """``<bos>`` + prompt tokens, and response tokens + ``<eos>`` (cut to ``max_length`` in all)."""
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        p = bos + self.tokenizer(prompt, add_special_tokens=False).input_ids
+        if response is None:
+            return p[-self.hparams.max_length:], []
+        r = self.tokenizer(" " + response, add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        return p, r[: max(1, self.hparams.max_length - len(p))]
+
+    def encode_example(self, example: Example) -> tuple[list[int], list[int]]:
+        return self.encode(format_prompt(example.instruction, example.input), example.output)
+
+    def collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        prompts, responses = zip(*items)
+        return lm_batch(prompts, responses, self.tokenizer.pad_token_id, completion_only=True)
+
+    def loader(self, examples: list[Example], batch_size: int, shuffle: bool = False) -> DataLoader:
+        """Batches of ``examples`` (any list, e.g. self-edits turned into examples)."""
+        items = [self.encode_example(e) for e in examples]
+        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          drop_last=shuffle and len(items) > batch_size)
+
+    def text_loader(self, texts: list[str], batch_size: int, shuffle: bool = True) -> DataLoader:
+        """Batches of plain text with the loss on every token (pre-training a base model)."""
+        items = [self.encode("", t) for t in texts]
+        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+                          drop_last=shuffle and len(items) > batch_size)
+
+    def pretraining_texts(self) -> list[str]:
+        """Plain text for a base model: the training people's passages and their rewrites (generated world), or
+        the training examples' inputs and outputs (local data). Held-out passages are never included."""
+        if self.people:
+            return [t for p in self.people["train"] for t in (p.passage, *(self_edit(p, k) for k in EDIT_KINDS))]
+        return [t for e in self.examples["train"] for t in (e.input, e.output) if t.strip()]
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader(self.examples["train"], per_device_batch(self, self.batch_size)[0], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader(self.examples["val"], self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.examples["test"], self.hparams.eval_batch_size)
+
+    # --- questions --------------------------------------------------------------------------------------------
+    def open_book_questions(self, split: str = "val") -> list[tuple[str, str]]:
+        """``(prompt, reference)`` of the split's questions asked with the passage in the input."""
+        return [(format_prompt(e.instruction, e.input), e.output) for e in self.examples[split]
+                if e.instruction == ASK_WITH_PASSAGE]
+
+    @staticmethod
+    def closed_book_prompt(question: str) -> str:
+        return format_prompt(ASK, question)

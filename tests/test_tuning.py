@@ -1,0 +1,404 @@
+"""The tuning loop: agent schemas under fuzzed output, the HTTP backend against a loopback server, QA scoring,
+SEAL's keep filter, the data, the tune command end to end, and resume after a real kill."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import optuna
+import pytest
+import torch
+
+from datamodules.instructions import InstructionDataModule, parse_qa_text, qa_text
+from experiment.cli import main
+from lightning_modules.instruction_sft import warmup_linear
+from models.lm_factory import LoraSettings, build_causal_lm
+from tests.conftest import REPO
+from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner
+from tuning.backends import BackendSettings, HTTPBackend, RuleBackend, extract_json
+from tuning.qa import exact_match, score_answers, token_f1
+from tuning.seal import SealSettings, seal_stage, trainable_state
+from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, clamp_hparams, in_space
+from tuning.trial import SEED_TARGETS
+
+SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
+              "--data.num_knowledge_people", "4", "--data.max_length", "128"]
+SMALL_TRIAL = ["--trial.hidden_size", "32", "--trial.num_layers", "1", "--trial.num_heads", "2",
+               "--trial.max_steps", "12", "--trial.pretrain_steps", "20", "--trial.threads", "1"]
+SMALL_SEAL = ["--seal.passages", "2", "--seal.candidates", "1", "--seal.inner_steps", "2",
+              "--seal.max_new_tokens", "16"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread on a busy machine; restore the setting for the other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("tokenizers"))
+    return InstructionDataModule(num_people=30, num_val_people=4, num_test_people=2, num_knowledge_people=4,
+                                 max_length=128, tokenizer_cache=cache)
+
+
+def entry(episode, loss, move=None, seal=None, **hparams):
+    return {"episode": episode, "hparams": DEFAULT_HPARAMS | hparams, "metrics": {"val_loss": loss},
+            "move": move, "seal": seal, "qa": None}
+
+
+# --- schemas and clamping -------------------------------------------------------------------------------------
+JUNK = [None, True, "NaN", float("nan"), float("inf"), -1e9, 1e9, "0.3", "abc", [], {}, [1, 2], {"a": 1}, 0, -0.0,
+        "1e-3", 7, 3.5]
+
+
+def fuzz_value(rng):
+    return rng.choice(JUNK + [rng.uniform(-10, 10), rng.randint(-100, 100), "x" * rng.randint(0, 5000)])
+
+
+def fuzz_output(rng):
+    keys = ["say", "hparams", "seal_plan", "continue", "reason", "feedback", "override", "reward_signal",
+            "seal_epochs", "edit_kind", "evaluation", "questions", "verdict", "advice", "junk"]
+    out = {k: fuzz_value(rng) for k in rng.sample(keys, rng.randint(0, len(keys)))}
+    if rng.random() < 0.7:
+        out["hparams"] = {n: fuzz_value(rng) for n in rng.sample(list(SPACE) + ["bogus"], rng.randint(0, 8))}
+    if rng.random() < 0.5:
+        out["override"] = {n: fuzz_value(rng) for n in rng.sample(list(SPACE), rng.randint(0, 7))}
+    if rng.random() < 0.3:
+        out["edit_kind"] = rng.choice(["qa", "restatement", "implications", "poem", 3])
+    return rng.choice([out, json.dumps(out, default=str), "prose " + json.dumps(out, default=str) + " more",
+                       "no json here", "{broken", "[1, 2]", ""])
+
+
+class ScriptedBackend:
+    name = "scripted"
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+
+    def complete(self, system, user):
+        reply = self.replies.pop(0)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply if isinstance(reply, str) else json.dumps(reply)
+
+
+def check_output(agent, out, ctx):
+    if isinstance(agent, Tuner):
+        assert in_space(out["hparams"]), out
+        assert out["seal_plan"]["seal_epochs"] in (1, 2)
+    elif isinstance(agent, Judge):
+        assert isinstance(out["continue"], bool)
+        if len(ctx.history) < agent.force_min_episodes:
+            assert out["continue"]
+    elif isinstance(agent, RewardPenalty):
+        assert set(out["override"]) <= set(SPACE)
+        assert in_space(DEFAULT_HPARAMS | out["override"])
+    elif isinstance(agent, SealExpert):
+        assert out["seal_epochs"] in (1, 2) and out["edit_kind"] in ("qa", "restatement", "implications")
+    elif isinstance(agent, QAGenerator):
+        passages = " ".join(k["passage"] for k in ctx.extra["knowledge"]).lower()
+        assert out["questions"] and all(q["answer"].lower() in passages for q in out["questions"])
+    elif isinstance(agent, QAEvaluator):
+        assert out["verdict"] in QAEvaluator.VERDICTS
+    assert isinstance(out["say"], str) and len(out["say"]) <= 2000
+
+
+def test_fuzzed_agent_outputs_are_clamped_or_fall_back():
+    rng = random.Random(0)
+    knowledge = [{"passage": "Mara lives in Oakvale. Mara works as a baker.",
+                  "questions": [("Where does Mara live?", "Oakvale")]}]
+    agents = [Tuner(), Judge(force_min_episodes=3), RewardPenalty(), SealExpert(), QAGenerator(), QAEvaluator()]
+    fallbacks = 0
+    for i in range(400):
+        agent = agents[i % len(agents)]
+        past = [entry(k, 2.0 - 0.1 * k) for k in range(rng.randint(0, 4))]
+        ctx = Context(past, len(past), extra={"knowledge": knowledge, "scores": {"f1": 0.5}})
+        reply = fuzz_output(rng)
+        backend = ScriptedBackend([reply if rng.random() < 0.9 else RuntimeError("connection refused")])
+        out, message = agent.act(ctx, backend)
+        check_output(agent, out, ctx)
+        fallbacks += message["fallback"] is not None
+        json.dumps(message)  # every message can be stored
+    assert 50 < fallbacks < 400  # malformed replies fall back, usable ones are clamped and kept
+
+
+def test_clamping_moves_values_into_the_seed_ranges():
+    hparams, notes = clamp_hparams({"lr": 1.0, "batch_size": 5, "epochs": 7, "warmup_ratio": -3, "lora_r": 12,
+                                    "lora_alpha": "64", "lora_dropout": float("nan"), "extra": 1})
+    assert hparams == {"lr": 5e-4, "batch_size": 4, "epochs": 2, "warmup_ratio": 0.0, "lora_r": 8,
+                       "lora_alpha": 64, "lora_dropout": DEFAULT_HPARAMS["lora_dropout"]}
+    assert any("extra" in n for n in notes) and any("finite" in n for n in notes)
+    assert clamp_hparams("not a dict")[0] == DEFAULT_HPARAMS
+    for name, spec in SPACE.items():
+        if isinstance(spec, Choice):
+            assert clamp_hparams({name: 10_000})[0][name] == max(spec.values)
+
+
+def test_judge_cannot_stop_before_the_minimum_and_stops_on_a_plateau():
+    judge = Judge(force_min_episodes=3, patience=2)
+    early = Context([entry(0, 1.0), entry(1, 1.5)], 2)
+    out, message = judge.act(early, ScriptedBackend([{"continue": False, "say": "stop"}]))
+    assert out["continue"] and "overruled" in " ".join(message["notes"])
+    plateau = Context([entry(0, 1.0), entry(1, 1.2), entry(2, 1.1)], 3)
+    assert not judge.act(plateau, RuleBackend())[0]["continue"]
+
+
+def test_a_regression_is_undone_not_repeated():
+    # The original lowered the lr again after lowering it had made the loss worse.
+    move = {"param": "lr", "direction": -1, "base_loss": 1.0}
+    past = [entry(0, 1.0, lr=2e-4), entry(1, 1.3, move=move, lr=1e-4)]
+    ctx = Context(past, 2, extra={"started": 0})  # the coordinate order starts at lr
+    proposal, _ = Tuner().act(ctx, RuleBackend())
+    assert proposal["hparams"]["lr"] == pytest.approx(4e-4)  # from the best (2e-4), the other way
+    assert {k: v for k, v in proposal["hparams"].items() if k != "lr"} == {
+        k: v for k, v in past[0]["hparams"].items() if k != "lr"}
+    reward, _ = RewardPenalty().act(ctx, RuleBackend())
+    assert reward["reward_signal"]["penalty"] > 0 and reward["override"] == {}
+
+
+def test_extract_json_finds_the_object_in_prose():
+    assert extract_json('Sure! ```json\n{"a": "}{", "b": {"c": [1]}}\n``` done') == {"a": "}{", "b": {"c": [1]}}
+    assert extract_json('{oops} then {"ok": true}') == {"ok": True}
+    for bad in ["", "no json", "[1, 2]", '{"a": 1']:
+        with pytest.raises(ValueError):
+            extract_json(bad)
+
+
+# --- HTTP backend ---------------------------------------------------------------------------------------------
+class ChatHandler(BaseHTTPRequestHandler):
+    requests: list = []
+    replies: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        ChatHandler.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+        status, content = ChatHandler.replies.pop(0)
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def chat_server():
+    server = HTTPServer(("127.0.0.1", 0), ChatHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ChatHandler.requests, ChatHandler.replies = [], []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_backend_against_a_loopback_server(chat_server, monkeypatch):
+    secret = "sk-test-never-logged-1234"
+    monkeypatch.setenv("TUNING_TEST_KEY", secret)
+    backend = HTTPBackend(BackendSettings(kind="http", model="served-model", base_url=chat_server,
+                                          api_key_env="TUNING_TEST_KEY", retries=0))
+    reply = {"say": "bigger lr", "hparams": {"lr": 0.5, "batch_size": 8, "lora_r": 32}, "seal_plan": {"seal_epochs": 2}}
+    ChatHandler.replies = [(200, "Here you go: " + json.dumps(reply)), (500, "boom"), (200, "not json at all")]
+    ctx = Context([entry(0, 1.0)], 1)
+    out, message = Tuner().act(ctx, backend)
+    assert out["hparams"]["lr"] == 5e-4 and out["hparams"]["batch_size"] == 8 and out["hparams"]["lora_r"] == 32
+    assert out["seal_plan"]["seal_epochs"] == 2 and message["fallback"] is None
+    sent = ChatHandler.requests[0]
+    assert sent["path"] == "/v1/chat/completions" and sent["auth"] == f"Bearer {secret}"
+    assert sent["body"]["model"] == "served-model" and sent["body"]["messages"][0]["role"] == "system"
+    fallbacks = []
+    for _ in range(2):  # a server error, then a reply without JSON: the rule answers
+        out, message = Tuner().act(ctx, backend)
+        assert in_space(out["hparams"]) and secret not in json.dumps(message)
+        fallbacks.append(message["fallback"])
+    assert "HTTP 500" in fallbacks[0] and fallbacks[1].startswith("ValueError")
+    assert secret not in json.dumps(BackendSettings(api_key_env="TUNING_TEST_KEY").__dict__)
+
+
+def test_http_backend_unreachable_falls_back():
+    backend = HTTPBackend(BackendSettings(kind="http", base_url="http://127.0.0.1:9/v1", retries=0, timeout_s=2))
+    out, message = Judge().act(Context([entry(0, 1.0)], 1), backend)
+    assert message["fallback"].startswith("RuntimeError") and out["continue"]
+
+
+# --- QA -------------------------------------------------------------------------------------------------------
+def test_qa_scores_against_references():
+    assert exact_match("The Oakvale.", "oakvale") == 1.0 and exact_match("Oakvale town", "Oakvale") == 0.0
+    assert token_f1("in Oakvale town", "Oakvale") == pytest.approx(0.5)
+    assert token_f1("baker", "farmer") == 0.0
+    preds, refs = ["the Oakvale", "in Oakvale town", "nothing"], ["Oakvale", "Oakvale", "baker"]
+    scores = score_answers(preds, refs)
+    assert scores["em"] == pytest.approx(1 / 3) and scores["f1"] == pytest.approx((1 + 0.5 + 0) / 3)
+    with pytest.raises(ValueError):
+        score_answers(["a"], [])
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+def test_instruction_batches_take_the_loss_on_the_response_only(data):
+    batch = next(iter(data.val_dataloader()))
+    example = data.examples["val"][0]
+    prompt, response = data.encode_example(example)
+    row = batch["labels"][0]
+    assert (row[:len(prompt)] == -100).all() and row[len(prompt):len(prompt) + len(response)].tolist() == response
+    assert (row[batch["attention_mask"][0] == 0] == -100).all()
+    held_out = {p.name for p in data.people["knowledge"]}
+    assert not any(name in t for t in data.pretraining_texts() for name in held_out)
+    assert not any(name in e.input + e.output for e in data.examples["train"] for name in held_out)
+
+
+def test_local_instruction_files_and_bad_input(tmp_path):
+    path = tmp_path / "set.jsonl"
+    rows = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    local = InstructionDataModule(files=[str(path)], tokenizer_cache=str(tmp_path), vocab_size=300)
+    assert len(local.examples["train"]) == 32 and len(local.examples["val"]) == 4 and local.knowledge == []
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        InstructionDataModule(files=[str(tmp_path / "missing.jsonl")])
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
+    with pytest.raises(ValueError, match="output"):
+        InstructionDataModule(files=[str(tmp_path / "bad.jsonl")])
+
+
+def test_qa_text_round_trips_and_warmup_schedule():
+    pairs = [("Where does Mara live?", "Oakvale"), ("What is the job of Mara?", "baker")]
+    assert parse_qa_text(qa_text(pairs)) == pairs
+    assert parse_qa_text("Q: garbage without answer") == []
+    factors = [warmup_linear(s, 2, 10) for s in range(10)]
+    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[-1] == pytest.approx(1 / 8)
+
+
+# --- SEAL -----------------------------------------------------------------------------------------------------
+def test_seal_keeps_only_self_edits_that_improve_held_out_qa(data):
+    torch.manual_seed(0)
+    lm = build_causal_lm("tiny-llama", data.tokenizer, lora=LoraSettings(8, 16, 0.0, SEED_TARGETS), hidden_size=32,
+                         num_layers=1, num_heads=2)
+    people = data.people["knowledge"][:2]
+    wrong_city = {"Oakvale": "Pinecrest"}
+
+    def writer(passages):
+        out = []
+        for person in people:
+            right = qa_text(person.questions()[:2])
+            wrong = qa_text([(q, wrong_city.get(a, "Oakvale") if i == 0 else "sailor" if a != "sailor" else "baker")
+                             for i, (q, a) in enumerate(person.questions()[:2])])
+            out.append([right, wrong])
+        return out
+
+    settings = SealSettings(passages=2, candidates=2, inner_steps=30, lr=1e-2, reward_questions=2)
+    before = trainable_state(lm)
+    result = seal_stage(lm, data, data.knowledge[:2], "qa", 1, settings, writer=writer)
+    edits = result["self_edits"]
+    assert len(edits) == 4 and result["candidates"] == 4
+    assert all(e["kept"] == (e["improvement"] > 0) for e in edits)
+    assert [e["kept"] for e in edits] == [True, False, True, False]  # the true facts help, the false ones hurt
+    assert result["kept"] == 2
+    assert any(not torch.equal(before[n], p) for n, p in lm.named_parameters() if n in before)
+    # Nothing clears a high bar: nothing kept, the model is left as it was.
+    lm2 = build_causal_lm("tiny-llama", data.tokenizer, lora=LoraSettings(8, 16, 0.0, SEED_TARGETS), hidden_size=32,
+                          num_layers=1, num_heads=2)
+    state = trainable_state(lm2)
+    strict = SealSettings(passages=2, candidates=2, inner_steps=30, lr=1e-2, min_improvement=1.0)
+    result = seal_stage(lm2, data, data.knowledge[:2], "qa", 1, strict, writer=writer)
+    assert result["kept"] == 0 and result["qa_after"] == result["qa_before"]
+    assert all(torch.equal(state[n], p) for n, p in lm2.named_parameters() if n in state)
+
+
+# --- the command ----------------------------------------------------------------------------------------------
+def tune_args(tmp_path, *extra):
+    return ["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--study.storage",
+            f"sqlite:///{tmp_path}/study.db", "--study.export_messages", str(tmp_path / "messages.jsonl"),
+            "--trial.cache_dir", str(tmp_path / "base"), "--data.tokenizer_cache", str(tmp_path / "tok"),
+            *SMALL_DATA, *SMALL_TRIAL, *SMALL_SEAL, *extra]
+
+
+def test_default_study_runs_end_to_end_offline(tmp_path):
+    summary = main(tune_args(tmp_path, "--study.n_trials", "3"))
+    assert summary["finished"] == 3 and math.isfinite(summary["best_val_loss"])
+    study = optuna.load_study(study_name="agentic-lora", storage=f"sqlite:///{tmp_path}/study.db")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # the tuner explored
+    for t in trials:
+        assert in_space(t.params) and t.value == t.user_attrs["metrics"]["val_loss"]
+        seal = t.user_attrs["seal_summary"]
+        assert seal["candidates"] == 2 and 0 <= seal["kept"] <= 2
+        assert 0 <= t.user_attrs["qa"]["f1"] <= 1 and t.user_attrs["qa"]["n"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "messages.jsonl").read_text().splitlines()]
+    agents = {r["agent"] for r in rows}
+    assert agents == {"tuner", "judge", "reward_penalty", "seal_expert", "qa_generator", "qa_evaluator"}
+    # The same command again finds the study complete and runs nothing.
+    assert main(tune_args(tmp_path, "--study.n_trials", "3"))["finished"] == 3
+    assert len(optuna.load_study(study_name="agentic-lora", storage=f"sqlite:///{tmp_path}/study.db").trials) == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--study.no_such_key", "1"], "no_such_key"),
+    (["--study.n_trials", "0"], "n_trials"),
+    (["--agents.kind", "psychic"], "psychic"),
+    (["--config", "configs/tuning/missing.yaml"], "missing.yaml"),
+])
+def test_tune_command_rejects_bad_input(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), *args])
+    assert message in capsys.readouterr().err
+
+
+def test_tune_command_prints_its_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--print_config"])
+    config = capsys.readouterr().out
+    assert "method: agentic" in config and "api_key_env: OPENAI_API_KEY" in config
+
+
+def test_resume_after_a_kill_loses_no_finished_episode(tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    args = tune_args(tmp_path, "--study.n_trials", "3", "--study.heartbeat_interval", "1",
+                     "--study.grace_period", "2", "--trial.max_steps", "40")  # episodes long enough to be caught
+    command = [sys.executable, str(REPO / "train.py"), *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    finished, deadline = [], time.time() + 240
+    try:
+        while time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+            try:
+                study = optuna.load_study(study_name="agentic-lora", storage=storage)
+                trials = study.get_trials()
+            except Exception:  # the study is not created yet
+                continue
+            finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if finished and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+                break
+        assert first.poll() is None, first.stderr.read().decode()[-2000:]
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait()
+    killed = [t for t in optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
+              if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(killed) == 1
+    time.sleep(2.5)  # the dead worker's heartbeat goes stale
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3
+    for before in finished:  # finished episodes are kept as they were, never re-run
+        after = trials[before.number]
+        assert after.state == before.state and after.value == before.value
+        assert after.datetime_complete == before.datetime_complete
+    dead = trials[killed[0].number]
+    assert dead.state == optuna.trial.TrialState.FAIL
+    retried = [t for t in complete if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retried) == 1 and retried[0].params == killed[0].params

@@ -1,0 +1,139 @@
+"""One tuning trial: a fresh LoRA on the base model, fitted by a Lightning Trainer on the instruction data and
+evaluated by validation loss (response tokens only) and perplexity."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+
+from lightning_modules.instruction_sft import InstructionSFT
+from models.lm_factory import DEFAULT_CACHE, merged_state_dict
+
+SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrialSettings:
+    """The model every trial fine-tunes and how long a trial runs."""
+
+    model_name: str = "tiny-llama"
+    """``tiny-llama`` / ``tiny-smollm3`` (offline), a hub name or a local folder."""
+    hidden_size: int = 64
+    """Width of a tiny model."""
+    num_layers: int = 2
+    """Decoder layers of a tiny model."""
+    num_heads: int = 4
+    """Attention heads of a tiny model."""
+    lora_target_modules: list[str] | str = field(default_factory=lambda: list(SEED_TARGETS))
+    """Modules that get a LoRA adapter: the attention and MLP projections of a Llama-style model (as in the
+    original); ``auto`` = the attention projections of any architecture."""
+    max_steps: int = 60
+    """Cap on optimiser steps per trial (-1: none), so a trial takes seconds; ``epochs`` still matters when an
+    epoch is shorter than the cap (large batches)."""
+    accelerator: str = "auto"
+    """Lightning accelerator (``cpu``, ``gpu``, ``auto``)."""
+    precision: str = "32-true"
+    """Lightning precision (``bf16-mixed`` on a GPU)."""
+    pretrain_steps: int = 300
+    """Steps of full-weight pre-training of a tiny model on the task's plain text before any trial (cached on
+    disk), so LoRA adapts a model that knows the language, as it would adapt a hub model; 0: use the model as
+    it is (a hub model or a local folder)."""
+    pretrain_lr: float = 3e-3
+    """Learning rate of that pre-training."""
+    threads: int | None = None
+    """CPU threads of torch (``null``: torch's default); 1 is fastest on a busy machine with few cores."""
+    cache_dir: str | None = None
+    """Folder of pre-trained base models (``null``: ``~/.cache/experiential-agents/tuning_base``)."""
+    seed: int = 0
+    """Seed of every trial (the same seed for every configuration, so configurations are compared fairly)."""
+    load_in_4bit: bool = False
+    """Quantise the base model to 4-bit NF4 (bitsandbytes)."""
+    trust_remote_code: bool = False
+    """Let a hub model run code shipped with it (off unless you opt in)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be -1 or >= 1, got {self.max_steps}")
+        if self.pretrain_steps < 0 or self.pretrain_lr <= 0 or (self.threads is not None and self.threads < 1):
+            raise ValueError("pretrain_steps must be >= 0, pretrain_lr > 0 and threads >= 1")
+
+
+def quiet_lightning() -> None:
+    """Trials run dozens of Trainers: keep their banners out of the study's output."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _trainer(settings: TrialSettings, **kwargs) -> Trainer:
+    return Trainer(accelerator=settings.accelerator, devices=1, precision=settings.precision, logger=False,
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, **kwargs)
+
+
+def validate(module: InstructionSFT, data, settings: TrialSettings) -> dict[str, float]:
+    """``val_loss`` (token-weighted mean over response tokens) and ``val_ppl`` of ``module`` on ``data``."""
+    metrics = _trainer(settings).validate(module, datamodule=data, verbose=False)[0]
+    return {"val_loss": float(metrics["val/loss"]), "val_ppl": float(metrics["val/ppl"])}
+
+
+def pretrained_base(data, settings: TrialSettings) -> str | None:
+    """Path of the pre-trained base checkpoint (``{"merged_lm": ...}``), trained once and cached by a hash of
+    the text and settings; ``None`` when ``pretrain_steps`` is 0."""
+    if settings.pretrain_steps == 0:
+        return None
+    texts = data.pretraining_texts()
+    key = [texts, len(data.tokenizer), settings.model_name, settings.hidden_size, settings.num_layers,
+           settings.num_heads, settings.pretrain_steps, settings.pretrain_lr, settings.seed]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    folder = Path(os.path.expanduser(settings.cache_dir or os.path.join(DEFAULT_CACHE, "tuning_base")))
+    path = folder / f"{digest}.ckpt"
+    if path.exists():
+        return str(path)
+    quiet_lightning()
+    seed_everything(settings.seed, verbose=False)
+    module = InstructionSFT(model_name=settings.model_name, hidden_size=settings.hidden_size,
+                            num_layers=settings.num_layers, num_heads=settings.num_heads, lora_r=None,
+                            optimizer=partial(torch.optim.AdamW, lr=settings.pretrain_lr), warmup_ratio=0.05)
+    module.build(data.tokenizer)
+    trainer = _trainer(settings, max_steps=settings.pretrain_steps, max_epochs=-1, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=data.text_loader(texts, 16))
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{digest}.{os.getpid()}.tmp"
+    torch.save({"merged_lm": merged_state_dict(module.lm)}, tmp)
+    os.replace(tmp, path)  # concurrent workers never read a half-written file
+    return str(path)
+
+
+def run_trial(hparams: dict[str, Any], data, settings: TrialSettings) -> tuple[InstructionSFT, dict[str, float]]:
+    """Fit a fresh LoRA with ``hparams`` and return the module and its validation metrics."""
+    quiet_lightning()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    init_from = pretrained_base(data, settings)
+    seed_everything(settings.seed, verbose=False)
+    data.batch_size = int(hparams["batch_size"])
+    module = InstructionSFT(
+        model_name=settings.model_name, init_from=init_from, hidden_size=settings.hidden_size,
+        num_layers=settings.num_layers, num_heads=settings.num_heads, lora_r=int(hparams["lora_r"]),
+        lora_alpha=float(hparams["lora_alpha"]),
+        lora_dropout=float(hparams["lora_dropout"]), lora_target_modules=settings.lora_target_modules,
+        load_in_4bit=settings.load_in_4bit, trust_remote_code=settings.trust_remote_code,
+        optimizer=partial(torch.optim.AdamW, lr=float(hparams["lr"])), warmup_ratio=float(hparams["warmup_ratio"]),
+    )
+    started = time.perf_counter()
+    trainer = _trainer(settings, max_epochs=int(hparams["epochs"]), max_steps=settings.max_steps,
+                       limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    metrics = validate(module, data, settings)
+    metrics |= {"steps": int(trainer.global_step), "train_seconds": round(time.perf_counter() - started, 3)}
+    return module, metrics
