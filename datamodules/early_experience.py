@@ -88,6 +88,18 @@ def template_rationale(branch: Branch) -> str:
     return "Outcomes: " + " | ".join(outcomes) + f". Best: {branch.expert_action}."
 
 
+def reflection_request(branch: Branch) -> str:
+    """The prompt from which the policy writes its own rationale: the state, what every tried action did, and the
+    expert's choice to justify (the paper's self-reflection prompt, in this project's text format)."""
+    tried = [*branch.alternatives, (branch.expert_action, branch.expert_next)]
+    outcomes = "\n".join(f"{a} -> {observation_delta(branch.observation, nxt)}" for a, nxt in tried)
+    return (
+        f"{branch.observation}\nTried actions and what they did:\n{outcomes}\n"
+        f"The expert chose {branch.expert_action}. Explain why it beats the others; end with 'Best: <action>.'\n"
+        "Rationale:"
+    )
+
+
 def rationale_concludes_for(rationale: str, action: str) -> bool:
     """True when the rationale's conclusion names ``action`` (used to drop rationales that argue for another)."""
     conclusion = rationale.rsplit("Best:", 1)[-1]
@@ -150,6 +162,8 @@ class EarlyExperienceDataModule(LightningDataModule):
         eval_goals: int = 50,
         iwm_steps: int = 200,
         sr_fraction: float = 0.5,
+        rationale_source: Literal["template", "policy"] = "template",
+        rationale_tokens: int = 64,
         batch_size: int = 16,
         eval_batch_size: int = 16,
         tokenizer: str | None = None,
@@ -167,6 +181,10 @@ class EarlyExperienceDataModule(LightningDataModule):
                 out-of-domain split).
             iwm_steps: Updates spent on IWM before imitation (``iwm_then_il``).
             sr_fraction: Share of SR examples in each batch (``sr``).
+            rationale_source: ``template`` (built from the observed outcomes) or ``policy`` (written by the
+                policy itself before its first update from :func:`reflection_request`; rationales that conclude for
+                another action are dropped).
+            rationale_tokens: Length limit of a policy-written rationale.
             batch_size: Examples per update, summed over all devices.
             eval_batch_size: Evaluation episodes run together (their actions are scored in one batch).
             tokenizer: A hub name or local folder; ``null`` trains a BPE tokenizer on the training rollouts (cached).
@@ -183,6 +201,10 @@ class EarlyExperienceDataModule(LightningDataModule):
             raise ValueError("branches, goals and batch sizes must be >= 1, iwm_steps >= 0")
         if not 0.0 <= sr_fraction <= 1.0:
             raise ValueError(f"sr_fraction must be in [0, 1], got {sr_fraction}")
+        if rationale_source not in ("template", "policy"):
+            raise ValueError(f"unknown rationale_source {rationale_source!r}; expected template or policy")
+        if rationale_tokens < 1:
+            raise ValueError(f"rationale_tokens must be >= 1, got {rationale_tokens}")
         self.save_hyperparameters()
         self.batch_size = batch_size
         self._build()
@@ -204,8 +226,38 @@ class EarlyExperienceDataModule(LightningDataModule):
         self.pools = {
             "il": [self.encode(*e) for e in il_examples(self.branches)],
             "iwm": [self.encode(*e) for e in iwm_examples(self.branches)],
-            "sr": [self.encode(*e) for e in sr_examples(self.branches)],
+            "sr": [self.encode(*e) for e in sr_examples(self.branches)] if hp.rationale_source == "template" else [],
         }
+        self.policy_rationales: list[str] | None = None
+
+    @property
+    def needs_policy_rationales(self) -> bool:
+        """True until the policy has written the SR rationales (``rationale_source: policy``)."""
+        return self.hparams.rationale_source == "policy" and self.policy_rationales is None
+
+    def set_policy_rationales(self, rationales: list[str]) -> int:
+        """Use ``rationales`` (one per branch, written from :func:`reflection_request`) for the SR examples, dropping
+        those that conclude for another action; returns how many were kept."""
+        if len(rationales) != len(self.branches):
+            raise ValueError(f"{len(rationales)} rationales for {len(self.branches)} expert states")
+        by_branch = dict(zip(map(id, self.branches), rationales))
+        examples = sr_examples(self.branches, rationale_fn=lambda b: by_branch[id(b)])
+        if not examples:
+            raise ValueError(
+                "no policy-written rationale concluded for the expert action, so there is no SR data: start from a "
+                "stronger model (model_name / init_from) or use rationale_source: template"
+            )
+        self.policy_rationales = list(rationales)
+        self.pools["sr"] = [self.encode(*e) for e in examples]
+        return len(examples)
+
+    def state_dict(self) -> dict:
+        # Rationales written by the initial policy travel with checkpoints, so a resumed run trains on the same ones.
+        return {"policy_rationales": self.policy_rationales}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("policy_rationales") is not None:
+            self.set_policy_rationales(state["policy_rationales"])
 
     def encode(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
         """Prompt tokens and completion tokens + ``<eos>``, encoded exactly as the policy scores actions."""

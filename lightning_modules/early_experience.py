@@ -20,11 +20,12 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric
 
-from datamodules.early_experience import policy_prompt
+from datamodules.early_experience import policy_prompt, reflection_request
 from envs.text_env import TextEnv
 from experiment.save_config import run_dir
 from lightning_modules.lm_phase import LMPhase
-from models.action_scorer import score_candidates
+from models.action_scorer import encode_prompt, score_candidates
+from models.lm_rollout import sample
 
 SPLITS = ("train", "held_out", "out_of_domain")
 EPISODE_METRICS = ("success", "reward", "invalid_rate", "episode_length")
@@ -156,6 +157,32 @@ class EarlyExperienceAgent(LMPhase):
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_stats.compute_and_reset("test"))
+
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if getattr(datamodule, "needs_policy_rationales", False):
+            requests = [reflection_request(b) for b in datamodule.branches]
+            rationales = self.write(requests, datamodule.hparams.rationale_tokens, datamodule.hparams.eval_batch_size)
+            kept = datamodule.set_policy_rationales(rationales)
+            self.print(f"policy-written rationales: kept {kept} of {len(rationales)} (the others concluded otherwise)")
+
+    @torch.no_grad()
+    def write(self, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> list[str]:
+        """Greedy continuations of ``prompts`` (batched, left-padded), decoded up to ``<eos>``."""
+        was_training = self.lm.training
+        self.lm.eval()
+        texts, tokenizer = [], self.tokenizer
+        for start in range(0, len(prompts), batch_size):
+            rows = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            width = max(map(len, rows))
+            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=self.device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            tokens, valid = sample(
+                self.lm, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True
+            )
+            texts += tokenizer.batch_decode(tokens * valid, skip_special_tokens=True)
+        self.lm.train(was_training)
+        return [t.strip() for t in texts]
 
     def on_train_start(self) -> None:
         # Outside Lightning's validation loop (which would not run before the first update): every rank plays all

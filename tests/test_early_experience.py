@@ -16,6 +16,7 @@ from datamodules.early_experience import (
     iwm_examples,
     observation_delta,
     rationale_concludes_for,
+    reflection_request,
     sr_examples,
     template_rationale,
     world_model_prompt,
@@ -200,3 +201,34 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     )
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+
+
+def test_policy_written_rationales_are_filtered_and_travel_with_checkpoints(tmp_path):
+    data = EarlyExperienceDataModule(
+        env="tiny_shop", recipe="sr", rationale_source="policy", train_goals=6, eval_goals=2, vocab_size=320,
+        tokenizer_cache=str(tmp_path),
+    )  # fmt: skip
+    assert data.needs_policy_rationales and data.pools["sr"] == []
+    torch.manual_seed(0)
+    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2)
+    agent.build(data.tokenizer)
+    requests = [reflection_request(b) for b in data.branches]
+    assert all(b.expert_action in r and r.endswith("Rationale:") for b, r in zip(data.branches, requests))
+    written = agent.write(requests[:3], max_new_tokens=5)
+    assert len(written) == 3 and all(len(data.tokenizer(t)["input_ids"]) <= 5 for t in written)
+
+    # Every other rationale argues for an alternative action and must be dropped.
+    rationales = [
+        f"it works. Best: {b.expert_action}." if i % 2 == 0 else f"Best: {b.alternatives[0][0]}."
+        for i, b in enumerate(data.branches)
+    ]
+    kept = data.set_policy_rationales(rationales)
+    assert kept == len(rationales[::2]) and not data.needs_policy_rationales
+    first_prompt, first_completion = data.pools["sr"][0]
+    assert data.tokenizer.decode(first_completion, skip_special_tokens=True).startswith("it works. Best:")
+
+    restored = EarlyExperienceDataModule(**data.hparams)
+    restored.load_state_dict(data.state_dict())
+    assert restored.pools["sr"] == data.pools["sr"] and not restored.needs_policy_rationales
+    with pytest.raises(ValueError, match="no policy-written rationale"):
+        restored.set_policy_rationales(["Best: wait."] * len(rationales))
