@@ -244,15 +244,15 @@ class GenerationMetrics(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        for name in ("reward", "reward_ref", "win_rate", "kl", "response_length"):
+        for name in ("reward", "reward_ref", "win_rate", "tie_rate", "kl", "response_length"):
             setattr(self, name, MeanMetric())
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         self.bleu = BLEUScore(n_gram=4, smooth=True)
         self.texts: list[str] = []
 
     def compute(self, prefix: str) -> dict[str, Tensor]:
-        out = {f"{prefix}/{n}": getattr(self, n).compute() for n in ("reward", "reward_ref", "win_rate", "kl",
-                                                                     "response_length")}
+        out = {f"{prefix}/{n}": getattr(self, n).compute() for n in ("reward", "reward_ref", "win_rate", "tie_rate",
+                                                                     "kl", "response_length")}
         out[f"{prefix}/reward_delta"] = out[f"{prefix}/reward"] - out[f"{prefix}/reward_ref"]
         if self.texts:
             rouge = self.rouge.compute()
@@ -286,8 +286,9 @@ class PPORLHF(LMPhase):
     ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
     ``train/rollout_tokens_per_s``; validation and test compare the policy with the reference on the same prompts:
     ``val/reward``, ``val/reward_ref``, ``val/reward_delta``, ``val/win_rate`` (paired, ties count half),
-    ``val/kl``, ``val/response_length``; test adds ``test/rouge1|2|L``, ``test/bleu``, ``test/distinct_1|2``
-    against the held-out completions.
+    ``val/tie_rate`` (share of prompts where both score the same: mostly identical samples), ``val/kl``,
+    ``val/response_length``; test adds ``test/rouge1|2|L``, ``test/bleu``, ``test/distinct_1|2`` against the
+    held-out completions.
     """
 
     def __init__(
@@ -631,10 +632,12 @@ class PPORLHF(LMPhase):
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, metrics: GenerationMetrics, text: bool) -> None:
         generator = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1))
         out = self.compare(batch, generator)
-        wins = (out["reward"] > out["reward_ref"]).float() + 0.5 * (out["reward"] == out["reward_ref"]).float()
+        ties = (out["reward"] == out["reward_ref"]).float()
+        wins = (out["reward"] > out["reward_ref"]).float() + 0.5 * ties
         metrics.reward.update(out["reward"])
         metrics.reward_ref.update(out["reward_ref"])
         metrics.win_rate.update(wins)
+        metrics.tie_rate.update(ties)
         metrics.kl.update(out["kl"])
         metrics.response_length.update(out["length"])
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -13,9 +13,10 @@ import yaml
 from experiment.cli import main
 from tests.conftest import REPO
 
-# configs/tuning/ holds `train.py tune` studies, not `fit` runs: tests/test_tuning.py runs them.
+# configs/tuning/ holds `train.py tune` studies, not `fit` runs: tests/test_tuning.py runs them. configs/*/models/
+# holds model overlays for a system's phases: the system's tests stack them on its configs.
 EXPERIMENT_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
-                            if p.parent.name not in ("trainer", "logger", "tuning"))
+                            if p.parent.name not in ("trainer", "logger", "tuning", "models"))
 
 
 def cli(*args):
