@@ -320,11 +320,21 @@ class InstructionDataModule(LightningDataModule):
                           drop_last=shuffle and len(items) > batch_size)
 
     def pretraining_texts(self) -> list[str]:
-        """Plain text for a base model: the training people's passages and their rewrites (generated world), or
-        the training examples' inputs and outputs (local data). Held-out passages are never included."""
-        if self.people:
-            return [t for p in self.people["train"] for t in (p.passage, *(self_edit(p, k) for k in EDIT_KINDS))]
-        return [t for e in self.examples["train"] for t in (e.input, e.output) if t.strip()]
+        """Plain text for a base model (it never sees the instruction template, as a hub base model has not).
+
+        Generated world: the people of a *different* world (none named as in this one), each passage alone and
+        followed by each of its rewrites, so the base can continue a passage with a restatement but knows none of
+        this world's facts. Local data: the training examples' inputs and outputs. Held-out passages are never
+        included.
+        """
+        if not self.people:
+            return [t for e in self.examples["train"] for t in (e.input, e.output) if t.strip()]
+        taken = {p.name for group in self.people.values() for p in group}
+        others = [p for p in generate_people(len(taken) * 2, self.hparams.world_seed + 1000) if p.name not in taken]
+        texts = [p.passage for p in others]
+        texts += [p.passage + "\n" + self_edit(p, k) for p in others for k in EDIT_KINDS]
+        random.Random(self.hparams.world_seed + 1001).shuffle(texts)
+        return texts
 
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.examples["train"], per_device_batch(self, self.batch_size)[0], shuffle=True)

@@ -56,8 +56,10 @@ class InstructionSFT(CausalLMSFT):
         """
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
-                         lora_target_modules, load_in_4bit, trust_remote_code, optimizer)
+        super().__init__(model_name=model_name, init_from=init_from, hidden_size=hidden_size, num_layers=num_layers,
+                         num_heads=num_heads, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lora_target_modules=lora_target_modules, load_in_4bit=load_in_4bit,
+                         trust_remote_code=trust_remote_code, optimizer=optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
 
     def configure_optimizers(self) -> dict[str, Any]:

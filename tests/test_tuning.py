@@ -22,7 +22,7 @@ from lightning_modules.instruction_sft import warmup_linear
 from models.lm_factory import LoraSettings, build_causal_lm
 from tests.conftest import REPO
 from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner
-from tuning.backends import BackendSettings, HTTPBackend, RuleBackend, extract_json
+from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBackend, extract_json
 from tuning.qa import exact_match, score_answers, token_f1
 from tuning.seal import SealSettings, seal_stage, trainable_state
 from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, clamp_hparams, in_space
@@ -234,6 +234,14 @@ def test_http_backend_unreachable_falls_back():
     assert message["fallback"].startswith("RuntimeError") and out["continue"]
 
 
+def test_local_lm_backend_reply_is_validated_and_falls_back(data):
+    settings = BackendSettings(kind="local", model="tiny-llama", max_new_tokens=8, temperature=0.0)
+    backend = LocalLMBackend(settings, data.tokenizer)  # an untrained model: its reply is not JSON
+    out, message = Tuner().act(Context([entry(0, 1.0)], 1), backend)
+    assert message["backend"] == "local" and message["fallback"].startswith("ValueError")
+    assert isinstance(message["reply"], str) and in_space(out["hparams"])
+
+
 # --- QA -------------------------------------------------------------------------------------------------------
 def test_qa_scores_against_references():
     assert exact_match("The Oakvale.", "oakvale") == 1.0 and exact_match("Oakvale town", "Oakvale") == 0.0
@@ -338,6 +346,9 @@ def test_default_study_runs_end_to_end_offline(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "messages.jsonl").read_text().splitlines()]
     agents = {r["agent"] for r in rows}
     assert agents == {"tuner", "judge", "reward_penalty", "seal_expert", "qa_generator", "qa_evaluator"}
+    exported = tmp_path / "again.jsonl"
+    main(tune_args(tmp_path, "--export_only", "true", "--study.export_messages", str(exported)))
+    assert exported.read_text() == (tmp_path / "messages.jsonl").read_text()
     # The same command again finds the study complete and runs nothing.
     assert main(tune_args(tmp_path, "--study.n_trials", "3"))["finished"] == 3
     assert len(optuna.load_study(study_name="agentic-lora", storage=f"sqlite:///{tmp_path}/study.db").trials) == 3
@@ -387,7 +398,7 @@ def test_resume_after_a_kill_loses_no_finished_episode(tmp_path):
         first.wait()
     killed = [t for t in optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
               if t.state == optuna.trial.TrialState.RUNNING]
-    assert len(killed) == 1
+    assert len(killed) <= 1  # 0 only if the episode completed between the last poll and the kill
     time.sleep(2.5)  # the dead worker's heartbeat goes stale
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -398,7 +409,8 @@ def test_resume_after_a_kill_loses_no_finished_episode(tmp_path):
         after = trials[before.number]
         assert after.state == before.state and after.value == before.value
         assert after.datetime_complete == before.datetime_complete
-    dead = trials[killed[0].number]
-    assert dead.state == optuna.trial.TrialState.FAIL
-    retried = [t for t in complete if t.system_attrs.get("failed_trial") == dead.number]
-    assert len(retried) == 1 and retried[0].params == killed[0].params
+    for lost in killed:  # the dead worker's episode failed and its proposal ran again
+        assert trials[lost.number].state == optuna.trial.TrialState.FAIL
+        retried = [t for t in complete if t.system_attrs.get("failed_trial") == lost.number]
+        assert len(retried) == 1 and retried[0].params == lost.params
+        assert retried[0].user_attrs["messages"][0]["agent"] in ("judge", "reward_penalty")

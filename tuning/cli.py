@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import sys
 
+import optuna
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from datamodules.instructions import InstructionDataModule
 from tuning.backends import BackendSettings
 from tuning.seal import SealSettings
-from tuning.study import StudySettings, Tuning, best_summary, export_messages, open_study
+from tuning.study import StudySettings, Tuning, best_summary, export_messages
 from tuning.trial import TrialSettings
 
 
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     if init.export_only:
         if not init.study.export_messages:
             parser.error("--export_only needs --study.export_messages PATH")
-        study = open_study(init.study)
+        try:
+            study = optuna.load_study(study_name=init.study.study_name, storage=init.study.storage)
+        except KeyError:
+            parser.error(f"no study named {init.study.study_name!r} in {init.study.storage}")
         count = export_messages(study, init.study.export_messages)
         print(f"exported {count} messages to {init.study.export_messages}")
         return best_summary(study)

@@ -39,9 +39,9 @@ class SealSettings:
     """Longest self-edit."""
     reward_questions: int = 2
     """Questions per passage used to decide which self-edits to keep (the rest are for reporting)."""
-    inner_steps: int = 20
+    inner_steps: int = 15
     """Gradient steps of the LoRA update that tries one self-edit."""
-    lr: float = 5e-3
+    lr: float = 3e-3
     """Learning rate of the SEAL LoRA updates."""
     min_improvement: float = 0.0
     """A self-edit is kept when it raises the mean F1 of the model's answers to its passage's reward questions

@@ -49,6 +49,9 @@ class StudySettings:
     """Finished episodes the study should hold (counted over all workers and earlier runs)."""
     seed: int = 0
     """Seed of the baseline samplers."""
+    tpe_startup_trials: int = 4
+    """Random trials before TPE starts modelling (Optuna's default of 10 would make a 10-trial TPE study a random
+    search)."""
     force_min_episodes: int = 3
     """The Judge cannot stop the study before this many episodes."""
     patience: int = 4
@@ -67,8 +70,8 @@ class StudySettings:
     """Write every agent message of the study to this JSONL file at the end (``null``: don't)."""
 
     def __post_init__(self) -> None:
-        if self.n_trials < 1 or self.force_min_episodes < 0 or self.patience < 1:
-            raise ValueError("n_trials and patience must be >= 1, force_min_episodes >= 0")
+        if self.n_trials < 1 or self.force_min_episodes < 0 or self.patience < 1 or self.tpe_startup_trials < 1:
+            raise ValueError("n_trials, patience and tpe_startup_trials must be >= 1, force_min_episodes >= 0")
         if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
             raise ValueError("heartbeat_interval must be >= 1 and grace_period > heartbeat_interval")
         if self.storage.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql"):
@@ -83,7 +86,7 @@ def open_study(settings: StudySettings) -> optuna.Study:
         settings.storage, heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry),
     )
-    sampler = {"tpe": optuna.samplers.TPESampler(seed=settings.seed),
+    sampler = {"tpe": optuna.samplers.TPESampler(n_startup_trials=settings.tpe_startup_trials, seed=settings.seed),
                "random": optuna.samplers.RandomSampler(seed=settings.seed)}.get(settings.method)
     study = optuna.create_study(storage=storage, study_name=settings.study_name, direction="minimize",
                                 sampler=sampler, load_if_exists=True)

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_modules.instruction_sft import InstructionSFT
-from models.lm_factory import DEFAULT_CACHE, merged_state_dict
+from models.lm_factory import DEFAULT_CACHE, TINY_ARCHITECTURES, merged_state_dict
 
 SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -44,10 +44,10 @@ class TrialSettings:
     """Lightning accelerator (``cpu``, ``gpu``, ``auto``)."""
     precision: str = "32-true"
     """Lightning precision (``bf16-mixed`` on a GPU)."""
-    pretrain_steps: int = 300
-    """Steps of full-weight pre-training of a tiny model on the task's plain text before any trial (cached on
-    disk), so LoRA adapts a model that knows the language, as it would adapt a hub model; 0: use the model as
-    it is (a hub model or a local folder)."""
+    pretrain_steps: int = 600
+    """Steps of full-weight pre-training of a tiny model before any trial (cached on disk), so that LoRA adapts
+    a model that already follows instructions, as it would adapt a hub "instruct" model; 0: no pre-training.
+    Hub models and local folders are never pre-trained here."""
     pretrain_lr: float = 3e-3
     """Learning rate of that pre-training."""
     threads: int | None = None
@@ -89,8 +89,8 @@ def validate(module: InstructionSFT, data, settings: TrialSettings) -> dict[str,
 def pretrained_base(data, settings: TrialSettings) -> str | None:
     """Path of the pre-trained base checkpoint (``{"merged_lm": ...}``), trained once and cached by a hash of
     the text and settings; ``None`` when ``pretrain_steps`` is 0."""
-    if settings.pretrain_steps == 0:
-        return None
+    if settings.pretrain_steps == 0 or settings.model_name not in TINY_ARCHITECTURES:
+        return None  # a hub model or local folder is already pre-trained
     texts = data.pretraining_texts()
     key = [texts, len(data.tokenizer), settings.model_name, settings.hidden_size, settings.num_layers,
            settings.num_heads, settings.pretrain_steps, settings.pretrain_lr, settings.seed]
