@@ -168,6 +168,7 @@ class EarlyExperienceDataModule(LightningDataModule):
         eval_batch_size: int = 16,
         tokenizer: str | None = None,
         vocab_size: int = 1024,
+        split_digits: bool = True,
         tokenizer_cache: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -189,6 +190,7 @@ class EarlyExperienceDataModule(LightningDataModule):
             eval_batch_size: Evaluation episodes run together (their actions are scored in one batch).
             tokenizer: A hub name or local folder; ``null`` trains a BPE tokenizer on the training rollouts (cached).
             vocab_size: Size of the trained tokenizer.
+            split_digits: The trained tokenizer gives every digit its own token, so prices compare digit by digit.
             tokenizer_cache: Folder of cached tokenizers (``null``: the user cache).
             seed: Seed of the goals, the branching and the batch sampling.
         """
@@ -219,7 +221,7 @@ class EarlyExperienceDataModule(LightningDataModule):
         texts = [b.observation for b in self.branches] + [b.expert_next for b in self.branches]
         texts += [a for b in self.branches for a, _ in b.alternatives] + [b.expert_action for b in self.branches]
         self.tokenizer = (
-            build_tokenizer(texts, hp.vocab_size, hp.tokenizer_cache)
+            build_tokenizer(texts, hp.vocab_size, hp.tokenizer_cache, split_digits=hp.split_digits)
             if hp.tokenizer is None
             else load_tokenizer(hp.tokenizer)
         )

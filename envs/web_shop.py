@@ -310,7 +310,8 @@ def make_goals(catalog: dict[str, Product], split: Split, count: int, seed: int 
     """``count`` goals of ``split``, each reachable by the expert.
 
     In-domain goals go to ``held_out`` when a stable hash of (product, options) falls in the first fifth, else to
-    ``train``, so the two splits never share a goal whatever their sizes.
+    ``train``, so the two splits never share a product-and-options combination whatever their sizes. Within a
+    split, goals differ (a combination can come back with other attributes or another price cap).
     """
     if split not in ("train", "held_out", "out_of_domain"):
         raise ValueError(f"unknown split {split!r}; expected train, held_out or out_of_domain")
@@ -324,11 +325,10 @@ def make_goals(catalog: dict[str, Product], split: Split, count: int, seed: int 
         if len(goals) == count:
             return goals
         goal = _goal_for(rng.choice(products), rng)
-        key = (goal.product_id, goal.options)
-        held_out = _stable_hash(key) % 5 == 0
-        if key in seen or (in_domain and held_out != (split == "held_out")) or not _expert_succeeds(catalog, goal):
+        held_out = _stable_hash((goal.product_id, goal.options)) % 5 == 0
+        if goal in seen or (in_domain and held_out != (split == "held_out")) or not _expert_succeeds(catalog, goal):
             continue
-        seen.add(key)
+        seen.add(goal)
         goals.append(goal)
     raise ValueError(f"could only make {len(goals)} distinct {split} goals of the {count} asked; use a larger catalog")
 

@@ -50,6 +50,7 @@ def build_tokenizer(
     cache_dir: str | os.PathLike | None = None,
     min_frequency: int = 2,
     extra_special_tokens: list[str] | None = None,
+    split_digits: bool = False,
 ):
     """A byte-level BPE tokenizer trained on ``texts``, cached on disk and wrapped as ``PreTrainedTokenizerFast``.
 
@@ -62,6 +63,7 @@ def build_tokenizer(
         cache_dir: Folder for cached tokenizers (``None``: ``$EXPERIENTIAL_AGENTS_CACHE/tokenizers``).
         min_frequency: Merges seen fewer times than this are not learned.
         extra_special_tokens: Further tokens never split (e.g. grammar sentinels).
+        split_digits: One token per digit (as the Llama and SmolLM2 tokenizers do), so numbers compare digit by digit.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -73,7 +75,8 @@ def build_tokenizer(
     texts = list(texts)
     if not texts or not any(t.strip() for t in texts):
         raise ValueError("build_tokenizer needs at least one non-empty text")
-    digest = hashlib.sha256(json.dumps([vocab_size, min_frequency, specials]).encode())
+    settings = [vocab_size, min_frequency, specials] + (["split_digits"] if split_digits else [])
+    digest = hashlib.sha256(json.dumps(settings).encode())
     for text in texts:
         digest.update(text.encode())
         digest.update(b"\0")
@@ -81,7 +84,12 @@ def build_tokenizer(
     if (folder / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(str(folder))
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
+    )
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -29,6 +29,17 @@ def test_tokenizer_round_trip_special_tokens_and_cache(tmp_path):
     assert len(list(tmp_path.iterdir())) == 2  # another corpus gets another tokenizer
 
 
+def test_split_digits_gives_every_digit_its_own_token_and_its_own_cache_entry(tmp_path):
+    texts = [f"price ${p}.{p % 7}9 lower than {p + 10} dollars" for p in range(10, 99)] * 3
+    merged = build_tokenizer(texts, vocab_size=320, cache_dir=tmp_path)
+    digits = build_tokenizer(texts, vocab_size=320, cache_dir=tmp_path, split_digits=True)
+    assert len(list(tmp_path.iterdir())) == 2
+    text = "price $65.14 lower than 70 dollars"
+    assert [t for t in digits.tokenize("$65.14") if t != "$"] == ["6", "5", ".", "1", "4"]
+    assert any(len(t.lstrip("Ġ")) > 1 and t.lstrip("Ġ").isdigit() for t in merged.tokenize("65 70 10 20"))  # merged
+    assert digits.decode(digits(text).input_ids) == text
+
+
 def test_tokenizer_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         build_tokenizer(TEXTS, vocab_size=100, cache_dir=tmp_path)
