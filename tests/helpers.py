@@ -7,12 +7,24 @@ from lightning.pytorch import Callback
 
 
 class SaveRankParameters(Callback):
-    """After fitting, every rank writes its parameters to ``<folder>/rank<k>.pt``."""
+    """After fitting, every rank writes its parameters to ``<folder>/rank<k>.pt`` (and, with ``at_start``, those
+    it starts training from to ``<folder>/start_rank<k>.pt``, its first batch to ``<folder>/batch_rank<k>.pt``)."""
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, at_start: bool = False) -> None:
         self.folder = folder
+        self.at_start = at_start
+
+    def _save(self, trainer, pl_module, prefix: str) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, os.path.join(self.folder, f"{prefix}rank{trainer.global_rank}.pt"))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.at_start and trainer.global_step == 0 and batch_idx == 0:
+            self._save(trainer, pl_module, "start_")
+            if isinstance(batch, dict):  # and the first batch this rank sees: ``<folder>/batch_rank<k>.pt``
+                tensors = {k: v.detach().cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                torch.save(tensors, os.path.join(self.folder, f"batch_rank{trainer.global_rank}.pt"))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        os.makedirs(self.folder, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        torch.save(state, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+        self._save(trainer, pl_module, "")

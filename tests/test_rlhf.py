@@ -314,3 +314,80 @@ def test_ppo_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, cache):
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks took the same decisions and updates
     assert any("lora_B" in k and rank0[k].abs().sum() > 0 for k in rank0)  # and they did train (lora_B starts at 0)
+
+
+def test_sft_ddp_on_two_cpu_processes_trains_different_shards_into_identical_ranks(tmp_path, cache):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "params"
+    tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
+            "8", "--data.init_args.tokenizer_cache", cache, "--model.init_args.hidden_size", "32",
+            "--model.init_args.num_layers", "1", "--model.init_args.num_heads", "2"]
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/sft.yaml"),
+               "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "3",
+               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
+               "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}",
+               "--trainer.callbacks.init_args.at_start=true"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    load = lambda name: torch.load(out / name, weights_only=True)  # noqa: E731
+    start0, start1, end0, end1 = (load(f"{p}rank{k}.pt") for p in ("start_", "") for k in (0, 1))
+    batch0, batch1 = load("batch_rank0.pt"), load("batch_rank1.pt")
+    assert len(batch0["input_ids"]) == 4  # the global batch of 8 is shared between the two processes
+    assert not torch.equal(batch0["input_ids"], batch1["input_ids"])  # each rank reads its own shard
+    assert all(torch.equal(start0[k], start1[k]) for k in start0)  # the same initial weights
+    assert end0.keys() == end1.keys() and all(torch.equal(end0[k], end1[k]) for k in end0)  # gradients all-reduced
+    assert any(not torch.equal(end0[k], start0[k]) for k in end0)  # and it did train
+
+
+SEED_MODELS = {"EleutherAI/pythia-70m-deduped", "EleutherAI/pythia-160m-deduped", "EleutherAI/pythia-410m-deduped",
+               "HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M"}
+MODEL_OVERLAYS = sorted((REPO / "configs/rlhf/models").glob("*.yaml"))
+
+
+def test_there_is_a_model_overlay_for_every_model_of_the_seed():
+    import yaml
+
+    names = {yaml.safe_load(p.read_text())["model"]["init_args"]["model_name"] for p in MODEL_OVERLAYS}
+    assert names == SEED_MODELS
+
+
+@pytest.mark.parametrize("overlay", MODEL_OVERLAYS, ids=lambda p: p.stem)
+def test_model_overlay_sets_model_and_tokenizer_of_every_phase(overlay, capsys):
+    import yaml
+
+    name = yaml.safe_load(overlay.read_text())["model"]["init_args"]["model_name"]
+    for phase in ("sft", "reward", "ppo"):
+        base = yaml.safe_load((REPO / f"configs/rlhf/{phase}.yaml").read_text())
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(REPO / f"configs/rlhf/{phase}.yaml"), "--config", str(overlay),
+                  "--print_config"])
+        config = yaml.safe_load(capsys.readouterr().out)
+        assert config["model"]["class_path"] == base["model"]["class_path"]  # the phase survives the overlay
+        assert config["model"]["init_args"]["model_name"] == name == config["data"]["init_args"]["tokenizer"]
+        assert config["model"]["init_args"]["lora_r"] == 16
+        assert config["data"]["init_args"]["num_stories"] == base["data"]["init_args"]["num_stories"]
+
+
+def test_pythia_overlay_trains_a_lora_adapter_on_a_local_gpt_neox_folder(cache, tmp_path, monkeypatch):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = TextCorpusDataModule(**DATA, tokenizer_cache=cache).tokenizer
+    folder = tmp_path / "pythia-like"
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    run = main(["fit", "--config", str(REPO / "configs/rlhf/sft.yaml"), "--config",
+                str(REPO / "configs/rlhf/models/pythia-70m.yaml"), "--model.init_args.model_name", str(folder),
+                "--data.init_args.tokenizer", str(folder), "--data.init_args.num_stories", "120",
+                "--trainer.fast_dev_run", "true"])
+    trainable = {n: p for n, p in run.model.lm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # the base is frozen
+    assert any("query_key_value" in n for n in trainable)  # "auto" found GPT-NeoX's attention projections
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trainable.items())  # the adapter trained
