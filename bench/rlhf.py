@@ -1,6 +1,6 @@
 """Benchmark of the small-LM RLHF pipeline on the offline story corpus: SFT -> reward model -> PPO, and agentic SFT.
 
-    python bench/rlhf.py [--seeds 0 1 2] [--out bench/results] [--sft-epochs 2] [--rm-epochs 3] [--ppo-steps 320]
+    python bench/rlhf.py [--seeds 0 1 2] [--out bench/results] [--sft-epochs 2] [--rm-epochs 3] [--ppo-steps 640]
 
 Every phase runs with ``python train.py fit`` semantics from ``configs/rlhf/*.yaml`` (the later phases start from
 the earlier checkpoints through ``init_from``), then is tested on the held-out split: SFT perplexity, reward-model
@@ -9,6 +9,9 @@ by the reward model, reward delta, sequence KL, ROUGE/BLEU against the held-out 
 the agentic SFT model's tool-call accuracy. Writes ``<out>/rlhf.json`` (``<out>/rlhf_<seed>.json`` per seed with
 ``--seeds`` of one); the last line printed is
 ``rlhf: rm_acc=<x> win_rate=<y> kl=<z> tool_call_acc=<w> rollout_tokens_per_s=<t>`` (means over seeds).
+``--plot <png>`` draws the PPO curves; ``--merge <json> ...`` combines the runs of earlier result files (to merge
+seeds run apart, or to redraw) without training. The per-seed lines also give the largest training KL, to compare
+with the controller's band (``kl_target`` x 0.8 to 1.2).
 """
 
 from __future__ import annotations
@@ -34,9 +37,22 @@ CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml") for name in ("sft", "re
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
     """Fit one phase and test it; returns the CLI object, the test metrics and the fit time in seconds."""
-    args = ["fit", "--config", config, "--seed_everything", str(seed), "--trainer.enable_progress_bar", "false",
-            "--trainer.default_root_dir", folder, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", folder, *overrides]
+    args = [
+        "fit",
+        "--config",
+        config,
+        "--seed_everything",
+        str(seed),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        folder,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        folder,
+        *overrides,
+    ]
     start = time.perf_counter()
     cli = main(args)
     seconds = time.perf_counter() - start
@@ -55,25 +71,56 @@ def csv_column(cli, column: str) -> list[tuple[int, float]]:
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as root:
         out: dict = {"seed": seed}
-        sft, out["sft"], out["sft_seconds"] = run_phase(CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs",
-                                                        str(args.sft_epochs))
+        sft, out["sft"], out["sft_seconds"] = run_phase(
+            CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs", str(args.sft_epochs)
+        )
         sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
         rm, out["reward"], out["reward_seconds"] = run_phase(
-            CONFIGS["reward"], seed, f"{root}/rm", "--trainer.max_epochs", str(args.rm_epochs),
-            "--model.init_args.init_from", sft_ckpt)
+            CONFIGS["reward"],
+            seed,
+            f"{root}/rm",
+            "--trainer.max_epochs",
+            str(args.rm_epochs),
+            "--model.init_args.init_from",
+            sft_ckpt,
+        )
         rm_ckpt = rm.trainer.checkpoint_callback.last_model_path
         ppo, out["ppo"], out["ppo_seconds"] = run_phase(
-            CONFIGS["ppo"], seed, f"{root}/ppo", "--trainer.max_steps", str(args.ppo_steps),
-            "--model.init_args.init_from", sft_ckpt, "--model.init_args.reward_model_from", rm_ckpt,
-            "--trainer.val_check_interval", str(max(1, args.ppo_steps // 3)))
+            CONFIGS["ppo"],
+            seed,
+            f"{root}/ppo",
+            "--trainer.max_steps",
+            str(args.ppo_steps),
+            "--model.init_args.init_from",
+            sft_ckpt,
+            "--model.init_args.reward_model_from",
+            rm_ckpt,
+            "--trainer.val_check_interval",
+            str(max(1, args.ppo_steps // 3)),
+        )
         out["ppo_curve"] = {k: csv_column(ppo, f"train/{k}") for k in ("score", "kl", "kl_coef")}
         out["ppo_val"] = {k: csv_column(ppo, f"val/{k}") for k in ("win_rate", "reward_delta", "kl")}
         speeds = [v for _, v in csv_column(ppo, "train/rollout_tokens_per_s")]
         out["rollout_tokens_per_s"] = statistics.median(speeds) if speeds else float("nan")
         out["kl_target"] = ppo.model.hparams.kl_target
         _, out["agentic"], out["agentic_seconds"] = run_phase(
-            CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs))
+            CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs)
+        )
     return out
+
+
+KL_BAND = 1.2  # the adaptive controller saturates at KL = (1 +- 0.2) x kl_target
+
+
+def kl_band(result: dict) -> dict[str, float]:
+    """The training KL (mean sequence KL of each rollout batch) against the controller's band: its maximum, the
+    share of rollouts above ``KL_BAND x kl_target`` and the mean of the last quarter of the run."""
+    kls = [v for _, v in sorted(result["ppo_curve"]["kl"])]
+    target = result.get("kl_target") or float("inf")
+    if not kls:
+        return {"kl_max": float("nan"), "kl_above_band": float("nan"), "kl_last_quarter": float("nan")}
+    return {"kl_max": max(kls), "kl_above_band": sum(k > KL_BAND * target for k in kls) / len(kls),
+            "kl_last_quarter": statistics.mean(kls[-max(1, len(kls) // 4):])}
 
 
 def summary(results: list[dict]) -> dict[str, float]:
@@ -81,6 +128,9 @@ def summary(results: list[dict]) -> dict[str, float]:
         return statistics.mean(r[path[0]][path[1]] if path[1] else r[path[0]] for r in results)
 
     return {
+        "kl_max": max(kl_band(r)["kl_max"] for r in results),
+        "kl_above_band": statistics.mean(kl_band(r)["kl_above_band"] for r in results),
+        "tie_rate": statistics.mean(r["ppo"].get("test/tie_rate", float("nan")) for r in results),
         "sft_ppl": mean(("sft", "test/ppl")),
         "rm_acc": mean(("reward", "test/acc")),
         "win_rate": mean(("ppo", "test/win_rate")),
@@ -105,7 +155,10 @@ def plot_curves(results: list[dict], path: Path) -> None:
             ax.plot([p[0] for p in points], [p[1] for p in points], label=f"seed {r['seed']}")
         points = sorted(dict(r["ppo_val"]["win_rate"]).items())
         axes[2].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"seed {r['seed']}")
-    axes[1].axhline(results[0].get("kl_target") or 0, color="grey", ls="--", lw=1, label="kl_target")
+    target = results[0].get("kl_target")
+    if target:
+        axes[1].axhline(target, color="grey", ls="--", lw=1, label="kl_target")
+        axes[1].axhspan(0.8 * target, KL_BAND * target, color="grey", alpha=0.15, label="controller band")
     axes[2].axhline(0.5, color="grey", ls="--", lw=1)
     for ax, title in zip(axes, ("train/score (reward model)", "train/kl (sequence, nats)", "val/win_rate vs SFT")):
         ax.set_title(title)
@@ -122,31 +175,39 @@ def main_bench() -> None:
     parser.add_argument("--out", default=str(REPO / "bench/results"))
     parser.add_argument("--sft-epochs", type=int, default=2)
     parser.add_argument("--rm-epochs", type=int, default=3)
-    parser.add_argument("--ppo-steps", type=int, default=320)
+    parser.add_argument("--ppo-steps", type=int, default=640)
     parser.add_argument("--agentic-epochs", type=int, default=1)
-    parser.add_argument("--merge", nargs="*", default=None, help="combine per-seed JSON files instead of running")
+    parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files; no training")
     parser.add_argument("--plot", default=None, help="write the PPO curves to this PNG")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        results = [json.loads(Path(p).read_text())["runs"][0] for p in args.merge]
+        files = [json.loads(Path(p).read_text()) for p in args.merge]
+        results = [r for f in files for r in f["runs"]]
+        settings = files[0]["settings"] | {"seeds": [r["seed"] for r in results]}
     else:
+        settings = {k: v for k, v in vars(args).items() if k not in ("merge", "plot")}
         results = []
         for seed in args.seeds:
             results.append(run_seed(seed, args))
             print(json.dumps({k: v for k, v in results[-1].items() if not k.startswith("ppo_")}, indent=1))
     figures = summary(results)
     name = f"rlhf_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else "rlhf.json"
-    (out / name).write_text(json.dumps({"settings": vars(args), "summary": figures, "runs": results}, indent=1))
+    (out / name).write_text(json.dumps({"settings": settings, "summary": figures, "runs": results}, indent=1))
     if args.plot:
         plot_curves(results, Path(args.plot))
     for r in results:
-        print(f"seed {r['seed']}: ppl={r['sft']['test/ppl']:.3f} rm_acc={r['reward']['test/acc']:.3f} "
-              f"win_rate={r['ppo']['test/win_rate']:.3f} reward_delta={r['ppo']['test/reward_delta']:+.3f} "
-              f"kl={r['ppo']['test/kl']:.3f} tool_call_acc={r['agentic']['test/tool_call_acc']:.3f}")
-    print(f"rlhf: rm_acc={figures['rm_acc']:.3f} win_rate={figures['win_rate']:.3f} kl={figures['kl']:.3f} "
-          f"tool_call_acc={figures['tool_call_acc']:.3f} rollout_tokens_per_s={figures['rollout_tokens_per_s']:.0f}")
+        print(
+            f"seed {r['seed']}: ppl={r['sft']['test/ppl']:.3f} rm_acc={r['reward']['test/acc']:.3f} "
+            f"win_rate={r['ppo']['test/win_rate']:.3f} reward_delta={r['ppo']['test/reward_delta']:+.3f} "
+            f"kl={r['ppo']['test/kl']:.3f} train_kl_max={kl_band(r)['kl_max']:.2f} "
+            f"tool_call_acc={r['agentic']['test/tool_call_acc']:.3f}"
+        )
+    print(
+        f"rlhf: rm_acc={figures['rm_acc']:.3f} win_rate={figures['win_rate']:.3f} kl={figures['kl']:.3f} "
+        f"tool_call_acc={figures['tool_call_acc']:.3f} rollout_tokens_per_s={figures['rollout_tokens_per_s']:.0f}"
+    )
 
 
 if __name__ == "__main__":
