@@ -13,7 +13,7 @@ import json
 import sys
 
 import optuna
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from datamodules.instructions import InstructionDataModule
 from tuning.backends import BackendSettings
@@ -23,6 +23,7 @@ from tuning.trial import TrialSettings
 
 
 def build_parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the settings' field docstrings become --help
     parser = ArgumentParser(prog="train.py tune", description="Agentic (or TPE / random) tuning of LoRA SFT.")
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (several stack; later ones win)")
     parser.add_class_arguments(StudySettings, "study", help="The study: storage, method, budget, stopping.")
