@@ -248,6 +248,7 @@ class GenerationMetrics(nn.Module):
             setattr(self, name, MeanMetric())
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         self.bleu = BLEUScore(n_gram=4, smooth=True)
+        self.ppl, self.ppl_ref = Perplexity(ignore_index=-100), Perplexity(ignore_index=-100)
         self.texts: list[str] = []
 
     def compute(self, prefix: str) -> dict[str, Tensor]:
@@ -260,6 +261,8 @@ class GenerationMetrics(nn.Module):
                     f"{prefix}/rougeL": rouge["rougeL_fmeasure"], f"{prefix}/bleu": self.bleu.compute(),
                     f"{prefix}/distinct_1": torch.tensor(distinct_n(self.texts, 1)),
                     f"{prefix}/distinct_2": torch.tensor(distinct_n(self.texts, 2))}
+        if self.ppl.update_called:
+            out |= {f"{prefix}/ppl": self.ppl.compute(), f"{prefix}/ppl_ref": self.ppl_ref.compute()}
         return out
 
     def reset(self) -> None:
@@ -288,7 +291,7 @@ class PPORLHF(LMPhase):
     ``val/reward``, ``val/reward_ref``, ``val/reward_delta``, ``val/win_rate`` (paired, ties count half),
     ``val/tie_rate`` (share of prompts where both score the same: mostly identical samples), ``val/kl``,
     ``val/response_length``; test adds ``test/rouge1|2|L``, ``test/bleu``, ``test/distinct_1|2`` against the
-    held-out completions.
+    held-out completions and ``test/ppl`` / ``test/ppl_ref``, the perplexity of the policy / the reference on them.
     """
 
     def __init__(
@@ -646,6 +649,26 @@ class PPORLHF(LMPhase):
             metrics.rouge.update(out["texts"], references)
             metrics.bleu.update(out["texts"], [[r] for r in references])
             metrics.texts += out["texts"]
+            if hasattr(datamodule, "encode_pair"):
+                self._update_perplexity(batch, datamodule, metrics)
+
+    @torch.no_grad()
+    def _update_perplexity(self, batch: dict[str, Tensor], datamodule, metrics: GenerationMetrics) -> None:
+        """Perplexity of the policy and of the reference on the held-out completions of the batch's prompts."""
+        from datamodules.text_corpus import lm_batch
+
+        pairs = [datamodule.encode_pair(*datamodule.prompt_and_completion(int(i))) for i in batch["index"]]
+        data = lm_batch([p for p, _ in pairs], [c for _, c in pairs], self.tokenizer.pad_token_id, True)
+        data = {k: v.to(self.device) for k, v in data.items()}
+        labels = data["labels"][:, 1:]
+        logits = self.lm(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits[:, :-1]
+        metrics.ppl.update(logits.float(), labels)
+        if self.reference is not None:
+            ref_logits = self.reference(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+        else:
+            with self.lm.disable_adapter():
+                ref_logits = self.lm(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+        metrics.ppl_ref.update(ref_logits[:, :-1].float(), labels)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, self.val_metrics, text=False)

@@ -293,6 +293,29 @@ def test_evaluation_kl_is_zero_for_the_reference_and_positive_after_updates(prom
     assert out["kl"].mean() > 0  # an estimate of KL(policy || reference) at the evaluation temperature
 
 
+def test_ppo_test_perplexity_of_policy_and_reference_on_held_out_completions(prompts):
+    module = _ppo(prompts, lora_r=4)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
+    before = trainer.test(module, datamodule=prompts, verbose=False)[0]
+    assert before["test/ppl"] == pytest.approx(before["test/ppl_ref"])  # LoRA B = 0: policy == reference
+    # by hand: exp of the mean negative log-likelihood of the completion tokens under the reference
+    batch = next(iter(prompts.test_dataloader()))
+    pairs = [prompts.encode_pair(*prompts.prompt_and_completion(int(i))) for i in batch["index"]]
+    nll = []
+    with torch.no_grad():
+        for p, c in pairs:
+            logits = module.lm(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1 : -1]
+            nll.append(F.cross_entropy(logits, torch.tensor(c), reduction="none"))
+    assert before["test/ppl_ref"] == pytest.approx(torch.cat(nll).mean().exp().item(), rel=1e-4)
+    with torch.no_grad():
+        for name, p in module.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    after = trainer.test(module, datamodule=prompts, verbose=False)[0]
+    assert after["test/ppl_ref"] == pytest.approx(before["test/ppl_ref"])  # the reference did not move
+    assert after["test/ppl"] != pytest.approx(after["test/ppl_ref"])
+
+
 def test_ppo_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, cache):
     import os
     import subprocess
