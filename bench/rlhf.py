@@ -9,9 +9,10 @@ by the reward model, reward delta, sequence KL, ROUGE/BLEU against the held-out 
 the agentic SFT model's tool-call accuracy. Writes ``<out>/rlhf.json`` (``<out>/rlhf_<seed>.json`` per seed with
 ``--seeds`` of one); the last line printed is
 ``rlhf: rm_acc=<x> win_rate=<y> kl=<z> tool_call_acc=<w> rollout_tokens_per_s=<t>`` (means over seeds).
-``--plot <png>`` draws the PPO curves; ``--merge <json> ...`` combines the runs of earlier result files (to merge
-seeds run apart, or to redraw) without training. The per-seed lines also give the largest training KL, to compare
-with the controller's band (``kl_target`` x 0.8 to 1.2).
+``--accelerator gpu`` runs every phase on one GPU; ``--ppo-args "<overrides>"`` passes extra settings to the PPO
+phase (the sweep in ``docs/rlhf.md``); ``--plot <png>`` draws the PPO curves; ``--merge <json> ...`` combines the
+runs of earlier result files (to merge seeds run apart, or to redraw) without training. The per-seed lines also
+give the largest training KL, to compare with the controller's band (``kl_target`` x 0.8 to 1.2).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -69,10 +71,11 @@ def csv_column(cli, column: str) -> list[tuple[int, float]]:
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:
+    device = ["--trainer.accelerator", args.accelerator, "--trainer.devices", "1"]
     with tempfile.TemporaryDirectory() as root:
         out: dict = {"seed": seed}
         sft, out["sft"], out["sft_seconds"] = run_phase(
-            CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs", str(args.sft_epochs)
+            CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs", str(args.sft_epochs), *device
         )
         sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
         rm, out["reward"], out["reward_seconds"] = run_phase(
@@ -83,6 +86,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             str(args.rm_epochs),
             "--model.init_args.init_from",
             sft_ckpt,
+            *device,
         )
         rm_ckpt = rm.trainer.checkpoint_callback.last_model_path
         ppo, out["ppo"], out["ppo_seconds"] = run_phase(
@@ -97,14 +101,16 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             rm_ckpt,
             "--trainer.val_check_interval",
             str(max(1, args.ppo_steps // 3)),
+            *device,
+            *shlex.split(args.ppo_args),
         )
         out["ppo_curve"] = {k: csv_column(ppo, f"train/{k}") for k in ("score", "kl", "kl_coef")}
-        out["ppo_val"] = {k: csv_column(ppo, f"val/{k}") for k in ("win_rate", "reward_delta", "kl")}
+        out["ppo_val"] = {k: csv_column(ppo, f"val/{k}") for k in ("win_rate", "tie_rate", "reward_delta", "kl")}
         speeds = [v for _, v in csv_column(ppo, "train/rollout_tokens_per_s")]
         out["rollout_tokens_per_s"] = statistics.median(speeds) if speeds else float("nan")
         out["kl_target"] = ppo.model.hparams.kl_target
         _, out["agentic"], out["agentic_seconds"] = run_phase(
-            CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs)
+            CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs), *device
         )
     return out
 
@@ -177,6 +183,8 @@ def main_bench() -> None:
     parser.add_argument("--rm-epochs", type=int, default=3)
     parser.add_argument("--ppo-steps", type=int, default=640)
     parser.add_argument("--agentic-epochs", type=int, default=1)
+    parser.add_argument("--accelerator", default="cpu", help="every phase's trainer accelerator (cpu, gpu)")
+    parser.add_argument("--ppo-args", default="", help='extra PPO overrides, e.g. "--model.init_args.gae_lambda 0.95"')
     parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files; no training")
     parser.add_argument("--plot", default=None, help="write the PPO curves to this PNG")
     args = parser.parse_args()
