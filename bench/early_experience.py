@@ -7,7 +7,8 @@ Each run is ``python train.py fit`` of ``configs/early_experience/web_shop_<reci
 final weights on the train, held-out and out-of-domain goals. Runs go to ``--jobs`` processes with the CPU threads
 shared among them.
 
-Writes ``<out>/early_experience.json`` (per-run validation curves and test metrics) and
+Appends every finished run to ``<out>/early_experience_runs.jsonl`` as it ends, then writes
+``<out>/early_experience.json`` (per-run validation curves and test metrics, and their summary) and
 ``docs/figures/early_experience_success.png`` (success over training, mean and range over seeds); the last line
 printed is ``early_experience: il=<x> iwm_il=<y> sr=<z> best_held_out=<w>`` (mean held-out test success).
 """
@@ -22,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -138,15 +139,39 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per run (0: all cores / jobs)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--figure", default=str(REPO / "docs" / "figures" / "early_experience_success.png"))
+    parser.add_argument(
+        "--summarise",
+        nargs="+",
+        metavar="JSONL",
+        help="only summarise the runs in these files (e.g. from several hosts)",
+    )
     parser.add_argument("extra", nargs="*", help="further CLI overrides for every run, after --")
     args = parser.parse_args()
 
+    if args.summarise:
+        runs = [json.loads(line) for path in args.summarise for line in open(path) if line.strip()]
+        return report(runs, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [(recipe, seed) for seed in args.seeds for recipe in args.recipes]
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:  # safe with CUDA
-        runs = list(pool.map(run, *zip(*jobs), [threads] * len(jobs), [args.extra] * len(jobs)))
-    table = summarise(runs)
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    runs = []
+    # Each finished run is appended at once, so an interrupted benchmark keeps what it measured.
+    with (
+        ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool,
+        open(Path(args.out) / "early_experience_runs.jsonl", "a") as log,
+    ):
+        futures = [pool.submit(run, recipe, seed, threads, args.extra) for recipe, seed in jobs]
+        for future in as_completed(futures):
+            runs.append(future.result())
+            log.write(json.dumps(runs[-1]) + "\n")
+            log.flush()
+    report(runs, args)
+
+
+def report(runs: list[dict], args: argparse.Namespace) -> None:
+    """Write the summary and the plot; print the table and the last line."""
+    runs.sort(key=lambda r: (list(RECIPES).index(r["recipe"]), r["seed"]))
+    table = summarise(runs)
     with open(Path(args.out) / "early_experience.json", "w") as handle:
         json.dump({"runs": runs, "summary": table}, handle, indent=1)
     plot(runs, Path(args.figure))
