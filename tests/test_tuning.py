@@ -280,6 +280,18 @@ def test_local_instruction_files_and_bad_input(tmp_path):
         InstructionDataModule(files=[str(tmp_path / "bad.jsonl")])
 
 
+def test_a_datasets_name_is_read_through_the_library(tmp_path, monkeypatch):
+    rows = [{"instruction": f"Name {i}.", "input": "", "output": f"n{i}"} for i in range(30)]
+    fake = type(sys)("datasets")
+    fake.load_dataset = lambda name, split: rows if (name, split) == ("org/instructions", "train") else 1 / 0
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    hub = InstructionDataModule(dataset="org/instructions", tokenizer_cache=str(tmp_path), vocab_size=300)
+    assert len(hub.examples["train"]) + len(hub.examples["val"]) + len(hub.examples["test"]) == 30
+    fake.load_dataset = lambda name, split: [{"prompt": "no instruction field"}]
+    with pytest.raises(ValueError, match="instruction"):
+        InstructionDataModule(dataset="org/other", tokenizer_cache=str(tmp_path))
+
+
 def test_qa_text_round_trips_and_warmup_schedule():
     pairs = [("Where does Mara live?", "Oakvale"), ("What is the job of Mara?", "baker")]
     assert parse_qa_text(qa_text(pairs)) == pairs
@@ -414,3 +426,20 @@ def test_resume_after_a_kill_loses_no_finished_episode(tmp_path):
         retried = [t for t in complete if t.system_attrs.get("failed_trial") == lost.number]
         assert len(retried) == 1 and retried[0].params == lost.params
         assert retried[0].user_attrs["messages"][0]["agent"] in ("judge", "reward_penalty")
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study(tmp_path):
+    storage = f"sqlite:///{tmp_path}/study.db"
+    command = [sys.executable, str(REPO / "train.py"), *tune_args(tmp_path, "--study.n_trials", "4",
+                                                                    "--seal.enabled", "false")]
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    main(tune_args(tmp_path, "--study.n_trials", "1", "--seal.enabled", "false"))  # pre-train the base once
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for _ in range(2)]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.stderr.read().decode()[-2000:]
+    trials = optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) >= 4 and len({t.number for t in trials}) == len(trials)
+    assert all("messages" in t.user_attrs and "metrics" in t.user_attrs for t in complete)
