@@ -28,7 +28,7 @@ from datamodules.text_corpus import lm_batch
 from envs.text_env import TextEnv
 from envs.tiny_shop import tiny_shop_goals
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
-from models.action_scorer import encode_candidates, encode_prompt
+from models.action_scorer import encode_candidates, encode_prompts
 from models.lm_factory import build_tokenizer, load_tokenizer
 
 POLICY_SUFFIX = "\nAction:"
@@ -226,9 +226,9 @@ class EarlyExperienceDataModule(LightningDataModule):
             else load_tokenizer(hp.tokenizer)
         )
         self.pools = {
-            "il": [self.encode(*e) for e in il_examples(self.branches)],
-            "iwm": [self.encode(*e) for e in iwm_examples(self.branches)],
-            "sr": [self.encode(*e) for e in sr_examples(self.branches)] if hp.rationale_source == "template" else [],
+            "il": self.encode(il_examples(self.branches)),
+            "iwm": self.encode(iwm_examples(self.branches)),
+            "sr": self.encode(sr_examples(self.branches)) if hp.rationale_source == "template" else [],
         }
         self.policy_rationales: list[str] | None = None
 
@@ -250,7 +250,7 @@ class EarlyExperienceDataModule(LightningDataModule):
                 "stronger model (model_name / init_from) or use rationale_source: template"
             )
         self.policy_rationales = list(rationales)
-        self.pools["sr"] = [self.encode(*e) for e in examples]
+        self.pools["sr"] = self.encode(examples)
         return len(examples)
 
     def state_dict(self) -> dict:
@@ -261,10 +261,15 @@ class EarlyExperienceDataModule(LightningDataModule):
         if state.get("policy_rationales") is not None:
             self.set_policy_rationales(state["policy_rationales"])
 
-    def encode(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-        """Prompt tokens and completion tokens + ``<eos>``, encoded exactly as the policy scores actions."""
-        completion_ids = encode_candidates(self.tokenizer, [completion])[0] + [self.tokenizer.eos_token_id]
-        return encode_prompt(self.tokenizer, prompt), completion_ids
+    def encode(self, examples: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+        """Prompt tokens and completion tokens + ``<eos>`` of each (prompt, completion), encoded exactly as the
+        policy scores actions."""
+        if not examples:
+            return []
+        prompts, completions = zip(*examples)
+        eos = [self.tokenizer.eos_token_id]
+        completion_ids = [ids + eos for ids in encode_candidates(self.tokenizer, list(completions))]
+        return list(zip(encode_prompts(self.tokenizer, list(prompts)), completion_ids))
 
     def collate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         prompts, completions = zip(*examples)

@@ -13,17 +13,22 @@ import torch
 from torch import Tensor, nn
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """``<bos>`` (when the tokenizer has one) + each prompt's tokens: the policy's context (one tokenizer call)."""
+    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    return [[tokenizer.bos_token_id, *ids] for ids in rows] if tokenizer.bos_token_id is not None else rows
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """``<bos>`` (when the tokenizer has one) + the prompt's tokens: the policy's context."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids] if tokenizer.bos_token_id is not None else ids
+    """:func:`encode_prompts` of one prompt."""
+    return encode_prompts(tokenizer, [prompt])[0]
 
 
 def encode_candidates(tokenizer, candidates: list[str]) -> list[list[int]]:
     """Each candidate's tokens, encoded on its own (training targets use the same encoding)."""
     if not candidates:
         raise ValueError("no candidate actions to score")
-    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in candidates]
+    ids = tokenizer(list(candidates), add_special_tokens=False)["input_ids"]
     if any(not row for row in ids):
         raise ValueError(f"every candidate must tokenize to at least one token: {candidates}")
     return ids
