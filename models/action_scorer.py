@@ -9,6 +9,8 @@ tests and ``bench/action_scoring.py`` compare with.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor, nn
 
@@ -45,37 +47,47 @@ def score_candidates(
 ) -> list[Tensor]:
     """Scores of ``candidates[i]`` after ``prompts[i]`` for every i, in a single forward pass.
 
-    Each row of the batch packs one prompt followed by all of its candidates; a 4D attention mask lets every
-    candidate token see the prompt and the earlier tokens of its own candidate only, and position ids restart after
-    the prompt for each candidate, so each candidate is computed exactly as if it stood alone after the prompt.
-    Returns one ``[K_i]`` tensor of summed (or, with ``length_normalize``, mean) candidate-token log-probabilities
-    per prompt.
+    Each state (a prompt followed by all of its candidates) is packed into a batch row, several short states to a
+    row (first-fit by length, so that little of the batch is padding). A 4D attention mask lets every token see
+    only its own state: the prompt causally, and a candidate token the prompt and the earlier tokens of its own
+    candidate; position ids restart after the prompt for each candidate. So each candidate is computed exactly as if
+    it stood alone after its prompt, while each prompt is computed once. Returns one ``[K_i]`` tensor of summed (or,
+    with ``length_normalize``, mean) candidate-token log-probabilities per prompt.
     """
     if len(prompts) != len(candidates):
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = [(encode_prompt(tokenizer, p), encode_candidates(tokenizer, c)) for p, c in zip(prompts, candidates)]
-    # Per row: the packed tokens, their position ids and segment ids (0: prompt, k + 1: candidate k).
-    packed_tokens, packed_positions, packed_segments = [], [], []
-    targets, sources = [], []  # every candidate token (row, column) and the column whose logits predict it
-    for row, (prompt, cands) in enumerate(rows):
-        n = len(prompt)
-        tokens, positions, segments = list(prompt), list(range(n)), [0] * n
+    states = list(zip(encode_prompts(tokenizer, prompts), (encode_candidates(tokenizer, c) for c in candidates)))
+    lengths = [len(p) + sum(map(len, cs)) for p, cs in states]
+    first_candidate = [0, *itertools.accumulate(len(cs) for _, cs in states)]
+    # Per row: tokens, position ids, the row-local state of each token and its segment (0: prompt, k + 1: candidate k).
+    rows: list[dict[str, list[int]]] = []
+    targets, sources, owners = [], [], []  # each candidate token: (row, column), predicting column, candidate index
+    for i in sorted(range(len(states)), key=lambda i: -lengths[i]):  # longest first: first-fit decreasing
+        prompt, cands = states[i]
+        row = next((r for r in rows if len(r["tokens"]) + lengths[i] <= max(lengths)), None)
+        if row is None:
+            row = {"tokens": [], "positions": [], "states": [], "segments": []}
+            rows.append(row)
+        offset, n, slot = len(row["tokens"]), len(prompt), (row["states"][-1] + 1 if row["states"] else 0)
+        row_number = rows.index(row)
+        row["tokens"] += prompt
+        row["positions"] += range(n)
+        row["segments"] += [0] * n
         for k, cand in enumerate(cands):
-            start = len(tokens)
-            targets += [(row, start + j) for j in range(len(cand))]
-            sources += [n - 1, *range(start, start + len(cand) - 1)]
-            tokens += cand
-            positions += range(n, n + len(cand))
-            segments += [k + 1] * len(cand)
-        packed_tokens.append(tokens)
-        packed_positions.append(positions)
-        packed_segments.append(segments)
-    tokens = _pad(packed_tokens, pad)
-    positions = _pad(packed_positions, 0)
-    segments = _pad(packed_segments, -1)
-    mask = _packed_attention_mask(segments, next(p for p in model.parameters() if p.is_floating_point()).dtype)
+            start = len(row["tokens"])
+            targets += [(row_number, start + j) for j in range(len(cand))]
+            sources += [offset + n - 1, *range(start, start + len(cand) - 1)]
+            owners += [first_candidate[i] + k] * len(cand)
+            row["tokens"] += cand
+            row["positions"] += range(n, n + len(cand))
+            row["segments"] += [k + 1] * len(cand)
+        row["states"] += [slot] * lengths[i]
+    tokens = _pad([r["tokens"] for r in rows], pad)
+    positions = _pad([r["positions"] for r in rows], 0)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    mask = _packed_attention_mask(_pad([r["states"] for r in rows], -1), _pad([r["segments"] for r in rows], -1), dtype)
     # Only candidate tokens need logits: run the decoder, then the output layer on the predicting columns only.
     hidden = model.get_decoder()(
         input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
@@ -84,11 +96,11 @@ def score_candidates(
     logits = model.get_output_embeddings()(hidden[row_index, torch.tensor(sources, device=device)])
     token_ids = tokens.to(device)[row_index, torch.tensor([t for _, t in targets], device=device)]
     token_log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-    counts = [len(c) for _, cands in rows for c in cands]
-    owners = torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-    totals = torch.zeros(len(counts), device=device).index_add_(0, owners, token_log_probs)
-    scores = totals / torch.tensor(counts, device=device) if length_normalize else totals
-    return list(scores.split([len(cands) for _, cands in rows]))
+    owner_index = torch.tensor(owners, device=device)
+    totals = torch.zeros(first_candidate[-1], device=device).index_add_(0, owner_index, token_log_probs)
+    if length_normalize:
+        totals = totals / torch.zeros_like(totals).index_add_(0, owner_index, torch.ones_like(token_log_probs))
+    return list(totals.split([len(cs) for _, cs in states]))
 
 
 def _pad(rows: list[list[int]], value: int) -> Tensor:
@@ -96,14 +108,15 @@ def _pad(rows: list[list[int]], value: int) -> Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _packed_attention_mask(segments: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive mask ``[B, 1, W, W]``: a token sees earlier tokens of the prompt (segment 0) and of its own segment;
-    padding (segment -1) sees itself only, so no row of the softmax is empty."""
+def _packed_attention_mask(states: Tensor, segments: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``[B, 1, W, W]``: a token sees the earlier tokens of its own state's prompt (segment 0) and of
+    its own segment; padding (state -1) sees itself only, so no row of the softmax is empty."""
     width = segments.shape[1]
     index = torch.arange(width)
     causal = index[:, None] >= index[None, :]
+    same_state = (states[:, :, None] == states[:, None, :]) & (states[:, None, :] >= 0)
     query, key = segments[:, :, None], segments[:, None, :]
-    allowed = causal & (key >= 0) & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
+    allowed = causal & same_state & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
