@@ -16,13 +16,11 @@ printed is ``early_experience: il=<x> iwm_il=<y> sr=<z> best_held_out=<w>`` (mea
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -31,54 +29,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from cli_runs import csv_column, run_phase  # noqa: E402
+
 RECIPES = {"il": "web_shop_il.yaml", "iwm_il": "web_shop_iwm_il.yaml", "sr": "web_shop_sr.yaml"}
 SPLITS = ("train", "held_out", "out_of_domain")
-
-
-def validation_curves(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
-    """``val/success/<split>`` at every validation, as (step, value) pairs."""
-    curves: dict[str, list[tuple[int, float]]] = {split: [] for split in SPLITS}
-    with open(metrics_csv) as handle:
-        for row in csv.DictReader(handle):
-            for split in SPLITS:
-                if row.get(f"val/success/{split}"):
-                    curves[split].append((int(row["step"]), float(row[f"val/success/{split}"])))
-    return curves
 
 
 def run(recipe: str, seed: int, threads: int, extra: list[str]) -> dict:
     import torch
 
-    from experiment.cli import main
-
     torch.set_num_threads(threads)
+    config = str(REPO / "configs" / "early_experience" / RECIPES[recipe])
+    overrides = ["--data.init_args.seed", str(seed), "--trainer.enable_model_summary", "false", *extra]
     with tempfile.TemporaryDirectory() as folder:
-        args = [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "early_experience" / RECIPES[recipe]),
-            "--seed_everything",
-            str(seed),
-            "--data.init_args.seed",
-            str(seed),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--trainer.default_root_dir",
-            folder,
-            "--trainer.logger",
-            "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir",
-            folder,
-            *extra,
-        ]
-        start = time.perf_counter()
-        cli = main(args)
-        seconds = time.perf_counter() - start
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-        test = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-        curves = validation_curves(Path(cli.trainer.logger.log_dir) / "metrics.csv")
+        cli, test, seconds = run_phase(config, seed, folder, *overrides)
+        curves = {split: csv_column(cli, f"val/success/{split}") for split in SPLITS}
     print(f"{recipe} seed {seed}: held-out {test['test/success/held_out']:.2f} in {seconds:.0f} s", flush=True)
     return {
         "recipe": recipe,

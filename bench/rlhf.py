@@ -18,56 +18,21 @@ give the largest training KL, to compare with the controller's band (``kl_target
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from experiment.cli import main  # noqa: E402
+from cli_runs import csv_column, run_phase  # noqa: E402
 
 CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml") for name in ("sft", "reward", "ppo", "agentic_sft")}
-
-
-def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
-    """Fit one phase and test it; returns the CLI object, the test metrics and the fit time in seconds."""
-    args = [
-        "fit",
-        "--config",
-        config,
-        "--seed_everything",
-        str(seed),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        folder,
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir",
-        folder,
-        *overrides,
-    ]
-    start = time.perf_counter()
-    cli = main(args)
-    seconds = time.perf_counter() - start
-    metrics = {}
-    if test:
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-    return cli, metrics, seconds
-
-
-def csv_column(cli, column: str) -> list[tuple[int, float]]:
-    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
-        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
 
 
 def run_seed(seed: int, args: argparse.Namespace) -> dict:

@@ -1,0 +1,43 @@
+"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+
+def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
+    """Fit one config and test it; returns the CLI object, the test metrics and the fit time in seconds."""
+    from experiment.cli import main
+
+    args = [
+        "fit",
+        "--config",
+        config,
+        "--seed_everything",
+        str(seed),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        folder,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        folder,
+        *overrides,
+    ]
+    start = time.perf_counter()
+    cli = main(args)
+    seconds = time.perf_counter() - start
+    metrics = {}
+    if test:
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+    return cli, metrics, seconds
+
+
+def csv_column(cli, column: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every row of the run's CSV log where ``column`` was logged."""
+    with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
