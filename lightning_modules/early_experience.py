@@ -21,10 +21,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from datamodules.early_experience import policy_prompt, reflection_request
+from datamodules.text_corpus import pad
 from envs.text_env import TextEnv
 from experiment.save_config import run_dir
 from lightning_modules.lm_phase import LMPhase
-from models.action_scorer import encode_prompt, score_candidates
+from models.action_scorer import encode_prompts, score_candidates
 from models.lm_rollout import sample
 
 SPLITS = ("train", "held_out", "out_of_domain")
@@ -173,10 +174,9 @@ class EarlyExperienceAgent(LMPhase):
         self.lm.eval()
         texts, tokenizer = [], self.tokenizer
         for start in range(0, len(prompts), batch_size):
-            rows = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(map(len, rows))
-            ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows], device=self.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            rows = encode_prompts(tokenizer, prompts[start : start + batch_size])
+            ids = pad(rows, tokenizer.pad_token_id, left=True).to(self.device)
+            mask = pad([[1] * len(r) for r in rows], 0, left=True).to(self.device)
             tokens, valid = sample(
                 self.lm, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=True
             )
