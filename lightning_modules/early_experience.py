@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -76,6 +77,8 @@ class EarlyExperienceAgent(LMPhase):
         length_normalize: bool = False,
         save_adapter: bool = True,
         evaluate_before_training: bool = True,
+        lr_decay: Literal["constant", "linear", "cosine"] = "constant",
+        warmup_ratio: float = 0.0,
     ) -> None:
         """
         Args:
@@ -95,7 +98,11 @@ class EarlyExperienceAgent(LMPhase):
             save_adapter: After fitting, save the LoRA adapter in peft format to ``<run folder>/adapter``.
             evaluate_before_training: Run the evaluation episodes once before the first update and log them at
                 step 0 (the "before training" row of the results).
+            lr_decay: Learning-rate schedule after the warmup, per optimiser step to ``trainer.max_steps``.
+            warmup_ratio: Share of the optimiser steps over which the learning rate rises linearly from zero.
         """
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
         super().__init__(
             model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
             lora_target_modules, load_in_4bit, trust_remote_code, optimizer,
@@ -106,6 +113,9 @@ class EarlyExperienceAgent(LMPhase):
 
     def _build(self) -> None:
         self.lm = self._build_lm(self._init_state(), self.lora)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return self._scheduled(super().configure_optimizers(), self.hparams.warmup_ratio, self.hparams.lr_decay)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.lm(**batch).loss

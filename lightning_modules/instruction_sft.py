@@ -10,13 +10,6 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning_modules.rlhf import CausalLMSFT
 
 
-def warmup_linear(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: ``0 -> 1`` over ``warmup_steps``, then ``1 -> 0`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-
 class InstructionSFT(CausalLMSFT):
     """``CausalLMSFT`` (loss on the labelled response tokens; ``val/loss``, ``val/ppl``) with a warmup/decay
     schedule, so a tuning trial's ``warmup_ratio`` means what it means in ``transformers.Trainer``."""
@@ -63,8 +56,4 @@ class InstructionSFT(CausalLMSFT):
         self.save_hyperparameters(ignore=["optimizer"])
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_linear(step, warmup, total))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return self._scheduled(super().configure_optimizers(), self.hparams.warmup_ratio, "linear")

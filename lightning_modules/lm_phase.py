@@ -9,6 +9,7 @@ folded in), so another phase can start from them with ``init_from`` whatever ada
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -31,6 +32,19 @@ def load_phase_checkpoint(path: str) -> dict[str, Any]:
             "(train the phase that feeds another one without load_in_4bit)"
         )
     return checkpoint
+
+
+def warmup_decay(step: int, warmup_steps: int, total_steps: int, decay: str = "linear") -> float:
+    """Learning-rate factor: ``0 -> 1`` over ``warmup_steps``, then ``1 -> 0`` at ``total_steps`` along a line
+    (``linear``) or a half cosine (``cosine``), or kept at 1 (``constant``)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "constant":
+        return 1.0
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
 
 
 class LMPhase(LightningModule):
@@ -134,6 +148,13 @@ class LMPhase(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+
+    def _scheduled(self, optimizer: torch.optim.Optimizer, warmup_ratio: float, decay: str) -> dict[str, Any]:
+        """``optimizer`` with a per-step ``warmup_decay`` schedule over the run's optimiser steps."""
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(warmup_ratio * total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_decay(step, warmup, total, decay))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if not self.hparams.load_in_4bit:

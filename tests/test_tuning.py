@@ -18,7 +18,7 @@ import torch
 
 from datamodules.instructions import InstructionDataModule, parse_qa_text, qa_text
 from experiment.cli import main
-from lightning_modules.instruction_sft import warmup_linear
+from lightning_modules.lm_phase import warmup_decay
 from models.lm_factory import LoraSettings, build_causal_lm
 from tests.conftest import REPO
 from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner
@@ -296,8 +296,10 @@ def test_qa_text_round_trips_and_warmup_schedule():
     pairs = [("Where does Mara live?", "Oakvale"), ("What is the job of Mara?", "baker")]
     assert parse_qa_text(qa_text(pairs)) == pairs
     assert parse_qa_text("Q: garbage without answer") == []
-    factors = [warmup_linear(s, 2, 10) for s in range(10)]
+    factors = [warmup_decay(s, 2, 10) for s in range(10)]
     assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[-1] == pytest.approx(1 / 8)
+    cosine = [warmup_decay(s, 0, 10, "cosine") for s in (0, 5, 10)]
+    assert cosine == pytest.approx([1.0, 0.5, 0.0]) and warmup_decay(7, 2, 10, "constant") == 1.0
 
 
 # --- SEAL -----------------------------------------------------------------------------------------------------
