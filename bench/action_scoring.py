@@ -34,10 +34,11 @@ def build_model(name: str, tokenizer, device: str, dtype: torch.dtype, load_in_4
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-    if load_in_4bit:  # bitsandbytes quantises while loading saved weights
-        return quantize_4bit(build_causal_lm(name, tokenizer, dtype=dtype), dtype, device).eval()
     with torch.device(device):  # initialise a large model where it will run
-        return build_causal_lm(name, tokenizer, dtype=dtype).eval()
+        model = build_causal_lm(name, tokenizer, dtype=dtype)
+    if load_in_4bit:  # bitsandbytes quantises while loading saved weights
+        model = quantize_4bit(model, dtype, device)
+    return model.eval()
 
 
 def sync(device: str) -> None:

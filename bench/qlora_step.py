@@ -79,7 +79,9 @@ def main() -> None:
             tokens += int(batch["attention_mask"].sum())
     changed = any(not torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if n in frozen_before)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
-    total, train = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in trainable)
+    # A 4-bit weight is stored packed, two to a byte; its quant_state keeps the unpacked shape.
+    total = sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in trainable)
     print(
         f"{args.model} {args.dtype} 4-bit={args.load_in_4bit} on {args.device}: {total / 1e6:.1f} M parameters, "
         f"{train / 1e6:.2f} M trainable (LoRA); {args.steps} steps of {args.batch_size} sequences; "
