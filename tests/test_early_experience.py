@@ -1,6 +1,7 @@
 """Early-experience data (branching, IL / IWM / SR examples, completion-only labels) and the agent's episodes."""
 
 import csv
+import math
 import os
 import random
 import subprocess
@@ -193,6 +194,21 @@ def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     with open(next((tmp_path / "full").rglob("metrics.csv"))) as handle:
         steps = [row["step"] for row in csv.DictReader(handle) if row["val/success/held_out"]]
     assert steps == ["0", "2", "5"]  # the evaluation before training is logged at step 0
+
+
+def test_learning_rate_follows_warmup_then_cosine(tmp_path):
+    lr = 1e-3
+    _fit_tiny_shop(
+        tmp_path / "cosine", "--trainer.max_steps", "5", "--trainer.log_every_n_steps", "1",
+        "--model.init_args.optimizer.init_args.lr", str(lr), "--model.init_args.lr_decay", "cosine",
+        "--model.init_args.warmup_ratio", "0.2", "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor",
+    )  # fmt: skip
+    with open(next((tmp_path / "cosine").rglob("metrics.csv"))) as handle:
+        logged = [float(row["lr-AdamW"]) for row in csv.DictReader(handle) if row.get("lr-AdamW")]
+    # warmup of int(0.2 * 5) = 1 step at half the rate, then a half cosine from step 1 to 5
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    expected = [lr * f for f in (0.5, *cosine)]
+    assert logged == pytest.approx(expected, rel=1e-6)
 
 
 def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
