@@ -26,7 +26,7 @@ from datamodules.text_corpus import pad
 from envs.text_env import TextEnv
 from experiment.save_config import run_dir
 from lightning_modules.lm_phase import LMPhase
-from models.action_scorer import encode_prompts, score_candidates
+from models.action_scorer import completion_loss, encode_prompts, score_candidates
 from models.lm_rollout import sample
 
 SPLITS = ("train", "held_out", "out_of_domain")
@@ -114,11 +114,14 @@ class EarlyExperienceAgent(LMPhase):
     def _build(self) -> None:
         self.lm = self._build_lm(self._init_state(), self.lora)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        return self._scheduled(super().configure_optimizers(), self.hparams.warmup_ratio, self.hparams.lr_decay)
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        optimizer = super().configure_optimizers()
+        if self.hparams.lr_decay == "constant" and self.hparams.warmup_ratio == 0:
+            return optimizer
+        return self._scheduled(optimizer, self.hparams.warmup_ratio, self.hparams.lr_decay)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.lm(**batch).loss
+        loss = completion_loss(self.lm, batch["input_ids"], batch["attention_mask"], batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 

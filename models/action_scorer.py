@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -101,6 +102,16 @@ def score_candidates(
     if length_normalize:
         totals = totals / torch.zeros_like(totals).index_add_(0, owner_index, torch.ones_like(token_log_probs))
     return list(totals.split([len(cs) for _, cs in states]))
+
+
+def completion_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of the labelled tokens (``-100`` elsewhere), as ``model(..., labels=labels).loss``, with
+    the output layer run only on the positions that predict a labelled token (a few per row for an action)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    predicting = targets != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
+    return F.cross_entropy(logits.float(), targets[predicting])
 
 
 def _pad(rows: list[list[int]], value: int) -> Tensor:

@@ -5,7 +5,7 @@ import torch
 
 from envs.tiny_shop import TinyShopEnv
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
-from models.action_scorer import batched_scores, choose_action, naive_scores, score_candidates
+from models.action_scorer import batched_scores, choose_action, completion_loss, naive_scores, score_candidates
 from models.lm_factory import LoraSettings, build_causal_lm, build_tokenizer
 
 
@@ -80,3 +80,19 @@ def test_batched_scores_equal_naive_scores_through_a_lora_adapter(lm, states):
     for prompt, cands, scores in zip(prompts, candidates, batched):
         assert torch.allclose(scores, naive_scores(adapted, tokenizer, prompt, cands), atol=1e-4)
         assert not torch.allclose(scores, naive_scores(model, tokenizer, prompt, cands), atol=1e-3)
+
+
+def test_completion_loss_equals_the_models_own_loss_and_its_gradients(lm, states):
+    model, tokenizer = lm
+    prompts, candidates = states
+    rows = [tokenizer(p + c[0], add_special_tokens=False)["input_ids"] for p, c in zip(prompts[:3], candidates)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    attention_mask = (torch.arange(width) < torch.tensor([[len(r)] for r in rows])).long()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :5] = -100  # an unlabelled prompt
+    expected = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    expected_grad = torch.autograd.grad(expected, model.get_output_embeddings().weight)[0]
+    loss = completion_loss(model, input_ids, attention_mask, labels)
+    grad = torch.autograd.grad(loss, model.get_output_embeddings().weight)[0]
+    assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(grad, expected_grad, atol=1e-6)
