@@ -117,7 +117,7 @@ def main() -> None:
         runs = [json.loads(line) for path in args.summarise for line in open(path) if line.strip()]
         return report(runs, args)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(recipe, seed) for seed in args.seeds for recipe in args.recipes]
+    jobs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]  # the first recipe's seeds first
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = []
     # Each finished run is appended at once, so an interrupted benchmark keeps what it measured.
