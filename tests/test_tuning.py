@@ -404,7 +404,8 @@ def test_resume_after_a_kill_loses_no_finished_episode(tmp_path):
             except Exception:  # the study is not created yet
                 continue
             finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-            if finished and any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
+            # kill while an episode runs with its proposal recorded (not in the instant between ask and suggest)
+            if finished and any(t.state == optuna.trial.TrialState.RUNNING and t.params for t in trials):
                 break
         assert first.poll() is None, first.stderr.read().decode()[-2000:]
         first.send_signal(signal.SIGKILL)
