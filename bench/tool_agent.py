@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from cli_runs import run_phase  # noqa: E402
+
 from envs.tool_env import NUM_STAGES, ToolEnv  # noqa: E402
 from envs.tool_env_loop import run_episode  # noqa: E402
-from experiment.cli import main  # noqa: E402
 
 CONFIGS = {"default": "configs/tool_agent/default.yaml", "seed_semantics": "configs/tool_agent/seed_semantics.yaml"}
 
@@ -36,22 +37,8 @@ CONFIGS = {"default": "configs/tool_agent/default.yaml", "seed_semantics": "conf
 def train_and_test(config: str, seed: int) -> dict:
     """Fit one config with one seed, test it on every problem; returns metrics, time and validation curve."""
     with tempfile.TemporaryDirectory() as folder:
-        common = [
-            "--config",
-            str(REPO / config),
-            "--seed_everything",
-            str(seed),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.default_root_dir",
-            folder,
-        ]
-        start = time.perf_counter()
-        run = main(["fit", *common])
-        seconds = time.perf_counter() - start
+        run, metrics, seconds = run_phase(str(REPO / config), seed, folder)
         trainer = run.trainer
-        trainer.test(run.model, datamodule=run.datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
         with open(Path(trainer.logger.log_dir) / "metrics.csv") as f:
             curve = [
                 {"step": int(r["step"]), **{k: float(r[k]) for k in r if k.startswith("val/greedy_acc/") and r[k]}}
