@@ -280,13 +280,16 @@ class PPORLHF(LMPhase):
     disabled, i.e. the SFT model) plus the clipped score on the last token; GAE (``lightning_modules.rl``) gives
     advantages and returns. Each training step is then one optimiser step on one minibatch: advantages normalised
     over the minibatch, clipped policy and value losses, global grad-norm clipping. The iteration stops early when
-    the approximate KL (k3) to the rollout policy passes ``1.5 * target_kl``; a non-finite loss rolls the adapter,
-    value head and optimiser back to the start of the iteration (``max_rollbacks`` in a row stop training). The
-    KL coefficient adapts after each rollout (Ziegler et al.) to keep the sequence KL near ``kl_target``.
+    the approximate KL (k3) to the rollout policy passes ``1.5 * target_kl``. The KL coefficient adapts after each
+    rollout (Ziegler et al.) to keep the sequence KL near ``kl_target``; that controller is slow by design, so a
+    KL guard (``max_kl``) rejects a rollout whose KL spikes above the band: the policy that sampled it is discarded
+    and the coefficient doubles. A rejected rollout, a non-finite rollout or a non-finite loss rolls the adapter,
+    value head and optimiser back to the last accepted rollout (``max_rollbacks`` in a row stop training).
 
     Logged metrics: ``train/score`` (reward-model score of the samples), ``train/kl`` (sequence KL to the
     reference), ``train/kl_coef``, ``train/policy_loss``, ``train/value_loss``, ``train/approx_kl``,
     ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
+    ``train/rollback_count`` (all rollbacks so far),
     ``train/rollout_tokens_per_s``; validation and test compare the policy with the reference on the same prompts:
     ``val/reward``, ``val/reward_ref``, ``val/reward_delta``, ``val/win_rate`` (paired, ties count half),
     ``val/tie_rate`` (share of prompts where both score the same: mostly identical samples), ``val/kl``,
@@ -325,6 +328,7 @@ class PPORLHF(LMPhase):
         kl_horizon: int = 2000,
         kl_estimator: str = "k1",
         target_kl: float | None = 0.1,
+        max_kl: float | None = None,
         reward_clip: float = 3.0,
         missing_eos_penalty: float | None = 1.0,
         max_mean_ratio: float = 5.0,
@@ -362,10 +366,13 @@ class PPORLHF(LMPhase):
             kl_horizon: Controller horizon in sampled responses (smaller adapts faster).
             kl_estimator: Per-token KL in the reward: ``k1`` (log-ratio) or ``k3`` (non-negative, lower variance).
             target_kl: Stop an iteration's remaining minibatches once approx-KL > 1.5 x this (``null``: never).
+            max_kl: KL guard: a rollout whose mean sequence KL exceeds this discards the policy that sampled it
+                (adapter, value head and optimiser go back to the last accepted rollout) and doubles the KL
+                coefficient (``null``: never).
             reward_clip: Clip the reward-model score to +- this.
             missing_eos_penalty: Subtracted from the score of responses that never emit ``<eos>`` (``null``: none).
             max_mean_ratio: Skip a minibatch whose mean policy ratio exceeds this (a sign of divergence).
-            max_rollbacks: Consecutive non-finite rollbacks before training stops with an error.
+            max_rollbacks: Consecutive rollbacks (non-finite or KL guard) before training stops with an error.
             eval_temperature: Sampling temperature of validation/test generations (``null``: ``temperature``).
         """
         super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
@@ -377,6 +384,7 @@ class PPORLHF(LMPhase):
             "clip_range": clip_range > 0, "clip_range_value": clip_range_value > 0, "value_coef": value_coef >= 0,
             "max_grad_norm": max_grad_norm > 0, "kl_coef": kl_coef >= 0, "kl_horizon": kl_horizon > 0,
             "kl_target": kl_target is None or kl_target > 0, "target_kl": target_kl is None or target_kl > 0,
+            "max_kl": max_kl is None or max_kl > 0,
             "reward_clip": reward_clip > 0, "kl_estimator": kl_estimator in ("k1", "k3"),
             "max_rollbacks": max_rollbacks >= 1, "max_mean_ratio": max_mean_ratio > 1,
         }
@@ -387,6 +395,7 @@ class PPORLHF(LMPhase):
         self.automatic_optimization = False
         self.register_buffer("kl_coef_value", torch.tensor(float(kl_coef)))
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
+        self.register_buffer("rollback_count", torch.tensor(0))  # all rollbacks so far; also varies the sampling
         self.reward_model: RewardModel | None = None
         self.value_head: ScalarHead | None = None
         self.reference: nn.Module | None = None
@@ -437,7 +446,8 @@ class PPORLHF(LMPhase):
         for key in state:
             if key.startswith(("reward_model.", "reference.")):
                 checkpoint["state_dict"][key] = state[key]
-        self._queue, self._buffer = [], None  # a resumed run starts a fresh iteration
+        checkpoint["state_dict"].setdefault("rollback_count", torch.tensor(0))  # saved before the KL guard existed
+        self._queue, self._buffer, self._snapshot = [], None, None  # a resumed run starts a fresh iteration
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.lm.parameters(), *self.value_head.parameters()] if p.requires_grad]
@@ -486,7 +496,8 @@ class PPORLHF(LMPhase):
         """One rollout batch with everything PPO needs (no gradients)."""
         hp = self.hparams
         generator = torch.Generator(device=self.device).manual_seed(
-            int(self.sampling_seed) + 1_000_003 * self.global_rank + 7_919 * self.global_step)
+            int(self.sampling_seed) + 1_000_003 * self.global_rank + 7_919 * self.global_step
+            + 104_729 * int(self.rollback_count))
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         start = time.perf_counter()
         response, response_mask = self.generate(prompt_ids, prompt_mask, generator=generator)
@@ -539,37 +550,50 @@ class PPORLHF(LMPhase):
         """Mean over devices, so that every rank takes the same decision."""
         return float(self.trainer.strategy.reduce(value.detach().float(), reduce_op="mean"))
 
-    def _start_iteration(self, batch: dict[str, Tensor]) -> None:
+    def _start_iteration(self, batch: dict[str, Tensor]) -> bool:
+        """Sample and score a rollout; ``False`` when it is rejected and the policy rolled back."""
         hp = self.hparams
-        optimizer = self.optimizers()
-        self._snapshot = ({k: v.detach().clone() for k, v in self._trainable_state().items()},
-                          copy.deepcopy(optimizer.optimizer.state_dict()))
+        state = ({k: v.detach().clone() for k, v in self._trainable_state().items()},
+                 copy.deepcopy(self.optimizers().optimizer.state_dict()))
+        self._snapshot = self._snapshot or state  # the first iteration (or the first after a resume) is accepted
         self._buffer = self.collect(batch)
         n = len(self._buffer["ids"])
+        kl = self._reduce(self._buffer["kl"].mean())
+        self.log("train/kl", kl, batch_size=n)
+        if not all(torch.isfinite(self._buffer[k]).all() for k in ("logprobs", "values", "advantages", "score")):
+            self._rollback("non-finite rollout")
+            return False
+        if hp.max_kl is not None and kl > hp.max_kl:
+            self.kl_coef_value.mul_(2.0)  # the controller moves by at most 20% per horizon: too slow for a spike
+            self._rollback(f"rollout KL {kl:.2f} > max_kl {hp.max_kl}")
+            return False
+        self._snapshot = state
         size = min(hp.minibatch_size, n)
         generator = torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step)
         self._queue = [chunk for _ in range(hp.ppo_epochs) for chunk in torch.randperm(n, generator=generator)
                        .split(size) if len(chunk) == size]
-        kl = self._reduce(self._buffer["kl"].mean())
         if hp.kl_target is not None:
             controller = AdaptiveKLController(float(self.kl_coef_value), hp.kl_target, hp.kl_horizon)
             self.kl_coef_value.fill_(controller.update(kl, n * self.trainer.world_size))
-        logs = {"train/score": self._buffer["score"].mean(), "train/kl": torch.tensor(kl),
-                "train/kl_coef": self.kl_coef_value.clone(),
+        logs = {"train/score": self._buffer["score"].mean(), "train/kl_coef": self.kl_coef_value.clone(),
+                "train/rollback_count": self.rollback_count.float(),
                 "train/response_length": self._buffer["response_mask"].float().sum(1).mean(),
                 "train/rollout_tokens_per_s": self._buffer["tokens_per_s"]}
         self.log("train/score", logs.pop("train/score"), prog_bar=True, batch_size=n)
         self.log_dict(logs, batch_size=n)
+        return True
 
     def _trainable_state(self) -> dict[str, Tensor]:
         names = {id(p) for p in self.trainable_parameters()}
         return {k: p for k, p in self.named_parameters() if id(p) in names}
 
     def _rollback(self, reason: str) -> None:
+        """Restore the trainable weights and optimiser state of the last accepted rollout."""
         self.rollbacks += 1
+        self.rollback_count += 1
         rank_zero_warn(f"PPO: {reason} at step {self.global_step}; iteration rolled back ({self.rollbacks} in a row)")
         if self.rollbacks >= self.hparams.max_rollbacks:
-            raise FloatingPointError(f"PPO: {self.rollbacks} consecutive non-finite iterations; stopping ({reason})")
+            raise FloatingPointError(f"PPO: {self.rollbacks} consecutive rolled-back iterations; stopping ({reason})")
         params, opt_state = self._snapshot
         with torch.no_grad():
             for name, p in self._trainable_state().items():
@@ -579,11 +603,8 @@ class PPORLHF(LMPhase):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
-        if not self._queue:
-            self._start_iteration(batch)
-            if not all(torch.isfinite(self._buffer[k]).all() for k in ("logprobs", "values", "advantages", "score")):
-                self._rollback("non-finite rollout")
-                return
+        if not self._queue and not self._start_iteration(batch):
+            return
         index = self._queue.pop(0)
         prompt_length = int(self._buffer["prompt_length"])
         mb = {k: v[index] for k, v in self._buffer.items() if v.dim() > 0 and k not in ("tokens_per_s",)}

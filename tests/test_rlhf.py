@@ -201,9 +201,49 @@ def test_non_finite_rewards_roll_back_and_stop(prompts, tmp_path):
     with torch.no_grad():
         module.reward_model.head.linear.bias.fill_(float("nan"))
     start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    with pytest.raises(FloatingPointError, match="3 consecutive"):
+    with pytest.raises(FloatingPointError, match="3 consecutive rolled-back"):
         _fit(module, prompts, tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=False)
     assert all(torch.equal(p, start[n]) for n, p in module.named_parameters() if p.requires_grad)
+
+
+class _SpikeAfterFirstIteration(Callback):
+    """Pushes the adapter far from the reference once the first iteration is done, and records the rollback."""
+
+    def __init__(self, steps_per_iteration: int) -> None:
+        self.steps_per_iteration, self.coef_before, self.after_rollback = steps_per_iteration, None, None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.steps_per_iteration and self.coef_before is None:
+            self.coef_before = float(module.kl_coef_value)
+            with torch.no_grad():
+                for name, p in module.lm.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=5.0)
+        elif int(module.rollback_count) == 1 and self.after_rollback is None:
+            self.after_rollback = ({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
+                                   float(module.kl_coef_value), trainer.global_step)
+
+
+def test_kl_guard_rejects_a_spiking_rollout_restores_the_last_accepted_policy_and_doubles_the_coefficient(
+        prompts, tmp_path):
+    # k3 is non-negative per token, so the spike's KL estimate cannot come out below the guard by sampling noise.
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)  # 2 steps per iteration
+    start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    spike = _SpikeAfterFirstIteration(steps_per_iteration=2)
+    trainer = _fit(module, prompts, tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False,
+                   callbacks=[spike])
+    params, coef, step = spike.after_rollback
+    assert step == 2  # the rejected rollout took no optimiser step
+    # The last accepted rollout was the first one, sampled by the starting weights: everything since is undone.
+    assert all(torch.equal(p, start[n]) for n, p in params.items())
+    # The controller moved the coefficient after the first rollout; the guard doubled it from there.
+    assert coef == pytest.approx(2 * spike.coef_before)
+    assert trainer.global_step == 4 and int(module.rollback_count) == 1  # training went on from there
+
+
+def test_invalid_kl_guard_fails_clearly():
+    with pytest.raises(ValueError, match="max_kl=0"):
+        PPORLHF(max_kl=0)
 
 
 def test_sft_lowers_perplexity(cache, tmp_path):
