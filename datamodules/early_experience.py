@@ -53,21 +53,44 @@ def world_model_prompt(observation: str, action: str) -> str:
     return f"[predict] {observation}\n[action] {action}\n[next]\n"
 
 
-def collect_branches(env: TextEnv, k: int, rng: random.Random) -> list[Branch]:
-    """Follow the expert through ``env`` from its start; at every state branch ``k`` other candidate actions."""
+def collect_branches(env: TextEnv, k: int, rng: random.Random, detour_prob: float = 0.0) -> list[Branch]:
+    """Follow the expert through ``env`` from its start; at every state branch ``k`` other candidate actions.
+
+    With probability ``detour_prob`` per state the demonstrator then takes one of those alternatives instead of the
+    expert action, provided the expert still succeeds from there within the step budget, and the expert carries on
+    from the new state. An expert demonstration never visits a wrong item page, so without detours the policy
+    never sees how to leave one (noise-injected demonstrations, as in DART, Laskey et al., 2017). The detour
+    action itself is never a training target: every branch keeps the expert action of its state.
+    """
     observation, branches = env.reset(), []
-    for _ in range(env.max_steps):
+    for step in range(env.max_steps):
         expert = env.expert_action()
         others = [a for a in env.candidate_actions() if a != expert]
-        alternatives = []
+        tried = []
         for action in rng.sample(others, min(k, len(others))):
-            alternatives.append((action, env.copy().step(action).observation))
+            clone = env.copy()
+            tried.append((action, clone, clone.step(action)))
         result = env.step(expert)
-        branches.append(Branch(observation, expert, result.observation, alternatives))
+        branches.append(Branch(observation, expert, result.observation, [(a, r.observation) for a, _, r in tried]))
+        if detour_prob and not result.done and rng.random() < detour_prob:
+            budget = env.max_steps - step - 2  # steps left once the detour is taken
+            recoverable = [(c, r) for _, c, r in tried if not r.done and expert_succeeds_within(c, budget)]
+            if recoverable:
+                env, result = rng.choice(recoverable)
         observation = result.observation
         if result.done:
             break
     return branches
+
+
+def expert_succeeds_within(env: TextEnv, steps: int) -> bool:
+    """Whether the expert, from ``env``'s current state, reaches reward 1 within ``steps`` steps (``env`` untouched)."""
+    probe = env.copy()
+    for _ in range(max(steps, 0)):
+        result = probe.step(probe.expert_action())
+        if result.done:
+            return result.reward >= 1.0
+    return False
 
 
 def observation_delta(before: str, after: str) -> str:
@@ -158,6 +181,7 @@ class EarlyExperienceDataModule(LightningDataModule):
         env: Literal["tiny_shop", "web_shop"] = "web_shop",
         recipe: Literal["il", "iwm_then_il", "sr"] = "il",
         branches: int = 3,
+        detour_prob: float = 0.0,
         train_goals: int = 200,
         eval_goals: int = 50,
         iwm_steps: int = 200,
@@ -177,6 +201,8 @@ class EarlyExperienceDataModule(LightningDataModule):
             env: ``tiny_shop`` (the seed's shop, corrected) or ``web_shop`` (procedural WebShop-like shop).
             recipe: ``il``, ``iwm_then_il`` or ``sr``.
             branches: K, alternative actions executed from every expert state.
+            detour_prob: Chance per state that the demonstrator takes one of the K alternatives and the expert
+                recovers from there (see :func:`collect_branches`); 0 gives pure expert trajectories.
             train_goals: Goals whose expert rollouts make the training data.
             eval_goals: Goals per evaluation split (train, held_out, out_of_domain; the tiny shop has no
                 out-of-domain split).
@@ -201,6 +227,8 @@ class EarlyExperienceDataModule(LightningDataModule):
             raise ValueError(f"unknown recipe {recipe!r}; expected il, iwm_then_il or sr")
         if min(branches, train_goals, eval_goals, batch_size, eval_batch_size) < 1 or iwm_steps < 0:
             raise ValueError("branches, goals and batch sizes must be >= 1, iwm_steps >= 0")
+        if not 0.0 <= detour_prob < 1.0:
+            raise ValueError(f"detour_prob must be in [0, 1), got {detour_prob}")
         if not 0.0 <= sr_fraction <= 1.0:
             raise ValueError(f"sr_fraction must be in [0, 1], got {sr_fraction}")
         if rationale_source not in ("template", "policy"):
@@ -216,7 +244,9 @@ class EarlyExperienceDataModule(LightningDataModule):
         self.eval_envs = make_envs(hp.env, hp.train_goals, hp.eval_goals, hp.seed)
         rng = random.Random(hp.seed)
         self.branches = [
-            b for env in self.eval_envs.pop("_train_pool") for b in collect_branches(env, hp.branches, rng)
+            b
+            for env in self.eval_envs.pop("_train_pool")
+            for b in collect_branches(env, hp.branches, rng, hp.detour_prob)
         ]
         texts = [b.observation for b in self.branches] + [b.expert_next for b in self.branches]
         texts += [a for b in self.branches for a, _ in b.alternatives] + [b.expert_action for b in self.branches]

@@ -52,6 +52,28 @@ def test_branches_follow_the_expert_and_execute_alternatives_in_copies(web_branc
         assert replay.step(branch.expert_action).observation == branch.expert_next
 
 
+def test_detours_add_expert_labelled_recoveries_and_every_demonstration_still_succeeds():
+    catalog = make_catalog()
+    rng, detours, left_unfit_items = random.Random(0), 0, 0
+    for goal in make_goals(catalog, "train", 40):
+        branches = collect_branches(WebShopEnv(catalog, goal), k=3, rng=rng, detour_prob=0.5)
+        replay = WebShopEnv(catalog, goal)
+        for branch, following in zip(branches, branches[1:] + [None]):
+            assert replay.observation() == branch.observation
+            assert replay.expert_action() == branch.expert_action  # the label is always the expert's own action
+            if branch.expert_action == "click[< prev]" and not replay._listing_fits(replay.item):
+                left_unfit_items += 1  # a wrong item page, which pure expert data never shows
+            taken = branch.expert_action
+            if following is not None and following.observation != branch.expert_next:
+                taken = next(a for a, nxt in branch.alternatives if nxt == following.observation)
+                detours += 1
+            result = replay.step(taken)
+        assert result.done and result.reward == 1.0  # the expert recovered from every detour
+    assert detours > 0 and left_unfit_items > 0
+    with pytest.raises(ValueError, match="detour_prob"):
+        EarlyExperienceDataModule(env="tiny_shop", detour_prob=1.0)
+
+
 def test_iwm_includes_the_expert_transition_and_uses_its_own_format(web_branches):
     _, branches = web_branches
     examples = iwm_examples(branches)
