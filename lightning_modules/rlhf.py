@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -372,7 +373,9 @@ class PPORLHF(LMPhase):
             reward_clip: Clip the reward-model score to +- this.
             missing_eos_penalty: Subtracted from the score of responses that never emit ``<eos>`` (``null``: none).
             max_mean_ratio: Skip a minibatch whose mean policy ratio exceeds this (a sign of divergence).
-            max_rollbacks: Consecutive rollbacks (non-finite or KL guard) before training stops with an error.
+            max_rollbacks: Consecutive rollbacks before training stops: with an error when values are non-finite,
+                at the restored policy for the KL guard, which keeps this many accepted snapshots of the trainable
+                weights and optimiser state (the adapter and value head with LoRA; every weight without).
             eval_temperature: Sampling temperature of validation/test generations (``null``: ``temperature``).
         """
         super().__init__(model_name, init_from, hidden_size, num_layers, num_heads, lora_r, lora_alpha, lora_dropout,
@@ -402,7 +405,7 @@ class PPORLHF(LMPhase):
         self.val_metrics, self.test_metrics = GenerationMetrics(), GenerationMetrics()
         self._queue: list[Tensor] = []
         self._buffer: dict[str, Tensor] | None = None
-        self._snapshot: tuple[dict, dict] | None = None
+        self._accepted: deque[tuple[dict, dict]] = deque(maxlen=max_rollbacks)  # (weights, optimiser) to return to
         self.rollbacks = 0
 
     # --- building ---------------------------------------------------------------------------------------------
@@ -447,7 +450,8 @@ class PPORLHF(LMPhase):
             if key.startswith(("reward_model.", "reference.")):
                 checkpoint["state_dict"][key] = state[key]
         checkpoint["state_dict"].setdefault("rollback_count", torch.tensor(0))  # saved before the KL guard existed
-        self._queue, self._buffer, self._snapshot = [], None, None  # a resumed run starts a fresh iteration
+        self._queue, self._buffer = [], None  # a resumed run starts a fresh iteration
+        self._accepted.clear()
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.lm.parameters(), *self.value_head.parameters()] if p.requires_grad]
@@ -555,7 +559,8 @@ class PPORLHF(LMPhase):
         hp = self.hparams
         state = ({k: v.detach().clone() for k, v in self._trainable_state().items()},
                  copy.deepcopy(self.optimizers().optimizer.state_dict()))
-        self._snapshot = self._snapshot or state  # the first iteration (or the first after a resume) is accepted
+        if not self._accepted:  # the first iteration (or the first after a resume) starts from an accepted policy
+            self._accepted.append(state)
         self._buffer = self.collect(batch)
         n = len(self._buffer["ids"])
         kl = self._reduce(self._buffer["kl"].mean())
@@ -565,9 +570,10 @@ class PPORLHF(LMPhase):
             return False
         if hp.max_kl is not None and kl > hp.max_kl:
             self.kl_coef_value.mul_(2.0)  # the controller moves by at most 20% per horizon: too slow for a spike
-            self._rollback(f"rollout KL {kl:.2f} > max_kl {hp.max_kl}")
+            self._rollback(f"rollout KL {kl:.2f} > max_kl {hp.max_kl}", back_off=True)
             return False
-        self._snapshot = state
+        if self._accepted[-1] is not state:
+            self._accepted.append(state)
         size = min(hp.minibatch_size, n)
         generator = torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step)
         self._queue = [chunk for _ in range(hp.ppo_epochs) for chunk in torch.randperm(n, generator=generator)
@@ -587,19 +593,29 @@ class PPORLHF(LMPhase):
         names = {id(p) for p in self.trainable_parameters()}
         return {k: p for k, p in self.named_parameters() if id(p) in names}
 
-    def _rollback(self, reason: str) -> None:
-        """Restore the trainable weights and optimiser state of the last accepted rollout."""
+    def _rollback(self, reason: str, back_off: bool = False) -> None:
+        """Restore the trainable weights and optimiser state of the last accepted rollout.
+
+        With ``back_off`` (the KL guard), each further rejection in a row goes one accepted rollout further back,
+        since the policy restored last time has just sampled a rejected rollout too; when ``max_rollbacks`` in a
+        row are reached, training stops at the restored policy. Non-finite values stop training with an error.
+        """
         self.rollbacks += 1
         self.rollback_count += 1
         rank_zero_warn(f"PPO: {reason} at step {self.global_step}; iteration rolled back ({self.rollbacks} in a row)")
-        if self.rollbacks >= self.hparams.max_rollbacks:
-            raise FloatingPointError(f"PPO: {self.rollbacks} consecutive rolled-back iterations; stopping ({reason})")
-        params, opt_state = self._snapshot
+        if back_off and self.rollbacks > 1 and len(self._accepted) > 1:
+            self._accepted.pop()
+        params, opt_state = self._accepted[-1]
         with torch.no_grad():
             for name, p in self._trainable_state().items():
                 p.copy_(params[name])
         self.optimizers().optimizer.load_state_dict(opt_state)
         self._queue, self._buffer = [], None
+        if self.rollbacks >= self.hparams.max_rollbacks:
+            if not back_off:
+                raise FloatingPointError(f"PPO: {self.rollbacks} rolled-back iterations in a row; stopping ({reason})")
+            rank_zero_warn(f"PPO: {self.rollbacks} rejected rollouts in a row; training stops at the restored policy")
+            self.trainer.should_stop = True
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams

@@ -201,7 +201,7 @@ def test_non_finite_rewards_roll_back_and_stop(prompts, tmp_path):
     with torch.no_grad():
         module.reward_model.head.linear.bias.fill_(float("nan"))
     start = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-    with pytest.raises(FloatingPointError, match="3 consecutive rolled-back"):
+    with pytest.raises(FloatingPointError, match="3 rolled-back iterations in a row"):
         _fit(module, prompts, tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=False)
     assert all(torch.equal(p, start[n]) for n, p in module.named_parameters() if p.requires_grad)
 
@@ -239,6 +239,28 @@ def test_kl_guard_rejects_a_spiking_rollout_restores_the_last_accepted_policy_an
     # The controller moved the coefficient after the first rollout; the guard doubled it from there.
     assert coef == pytest.approx(2 * spike.coef_before)
     assert trainer.global_step == 4 and int(module.rollback_count) == 1  # training went on from there
+
+
+def test_kl_guard_backs_off_one_accepted_rollout_per_rejection_in_a_row_then_stops_training(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, max_kl=1.0, max_rollbacks=3)
+    trainer = _fit(module, prompts, tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False)
+    opt_state = module.optimizers().optimizer.state_dict()
+    # Three accepted policies, oldest first, told apart by their adapter weights.
+    history = [({n: torch.full_like(p, float(i)) for n, p in module._trainable_state().items()}, opt_state)
+               for i in range(3)]
+    module._accepted.clear()
+    module._accepted.extend(history)
+    module.rollbacks, trainer.should_stop = 0, False
+
+    def restored() -> float:
+        return float(next(p for n, p in module._trainable_state().items() if "lora_B" in n).flatten()[0])
+
+    module._rollback("spike", back_off=True)
+    assert restored() == 2.0 and not trainer.should_stop  # first rejection: the last accepted policy
+    module._rollback("spike", back_off=True)
+    assert restored() == 1.0 and not trainer.should_stop  # it sampled a rejected rollout too: one further back
+    module._rollback("spike", back_off=True)
+    assert restored() == 0.0 and trainer.should_stop  # max_rollbacks in a row: stop there, without an error
 
 
 def test_invalid_kl_guard_fails_clearly():
