@@ -272,6 +272,9 @@ class GenerationMetrics(nn.Module):
         self.texts = []
 
 
+KL_COEF_CAP = 10.0  # the KL guard raises the KL coefficient to at most this multiple of its initial value
+
+
 class PPORLHF(LMPhase):
     """PPO of a LoRA adapter on the SFT model against a frozen reward model, with manual optimisation.
 
@@ -369,7 +372,7 @@ class PPORLHF(LMPhase):
             target_kl: Stop an iteration's remaining minibatches once approx-KL > 1.5 x this (``null``: never).
             max_kl: KL guard: a rollout whose mean sequence KL exceeds this discards the policy that sampled it
                 (adapter, value head and optimiser go back to the last accepted rollout) and doubles the KL
-                coefficient (``null``: never).
+                coefficient, up to 10x ``kl_coef`` (``null``: never).
             reward_clip: Clip the reward-model score to +- this.
             missing_eos_penalty: Subtracted from the score of responses that never emit ``<eos>`` (``null``: none).
             max_mean_ratio: Skip a minibatch whose mean policy ratio exceeds this (a sign of divergence).
@@ -569,7 +572,9 @@ class PPORLHF(LMPhase):
             self._rollback("non-finite rollout")
             return False
         if hp.max_kl is not None and kl > hp.max_kl:
-            self.kl_coef_value.mul_(2.0)  # the controller moves by at most 20% per horizon: too slow for a spike
+            # The controller moves by at most 20% per horizon: too slow for a spike. The cap keeps the KL term from
+            # swamping the score (and the value targets) when spikes repeat.
+            self.kl_coef_value.fill_(min(2.0 * float(self.kl_coef_value), KL_COEF_CAP * hp.kl_coef))
             self._rollback(f"rollout KL {kl:.2f} > max_kl {hp.max_kl}", back_off=True)
             return False
         if self._accepted[-1] is not state:

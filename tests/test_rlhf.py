@@ -241,6 +241,14 @@ def test_kl_guard_rejects_a_spiking_rollout_restores_the_last_accepted_policy_an
     assert trainer.global_step == 4 and int(module.rollback_count) == 1  # training went on from there
 
 
+def test_kl_guard_raises_the_coefficient_at_most_to_ten_times_its_initial_value(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01, kl_coef=0.2)
+    module.kl_coef_value.fill_(1.5)  # as if earlier spikes had raised it already
+    spike = _SpikeAfterFirstIteration(steps_per_iteration=2)
+    _fit(module, prompts, tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False, callbacks=[spike])
+    assert spike.coef_before > 1.0 and spike.after_rollback[1] == pytest.approx(2.0)  # not 2 x 1.5
+
+
 def test_kl_guard_backs_off_one_accepted_rollout_per_rejection_in_a_row_then_stops_training(prompts, tmp_path):
     module = _ppo(prompts, lora_r=4, max_kl=1.0, max_rollbacks=3)
     trainer = _fit(module, prompts, tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False)
