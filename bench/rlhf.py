@@ -74,6 +74,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         speeds = [v for _, v in csv_column(ppo, "train/rollout_tokens_per_s")]
         out["rollout_tokens_per_s"] = statistics.median(speeds) if speeds else float("nan")
         out["kl_target"] = ppo.model.hparams.kl_target
+        out["kl_rollbacks"] = int(ppo.model.rollback_count)  # rollouts rejected by the KL guard (or non-finite)
         _, out["agentic"], out["agentic_seconds"] = run_phase(
             CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs), *device
         )
@@ -85,12 +86,15 @@ KL_BAND = 1.2  # the adaptive controller saturates at KL = (1 +- 0.2) x kl_targe
 
 def kl_band(result: dict) -> dict[str, float]:
     """The training KL (mean sequence KL of each rollout batch) against the controller's band: its maximum, the
-    share of rollouts above ``KL_BAND x kl_target`` and the mean of the last quarter of the run."""
+    share of rollouts above ``KL_BAND x kl_target`` (rejected ones included), the share rejected by the KL guard
+    and the mean of the last quarter of the run."""
     kls = [v for _, v in sorted(result["ppo_curve"]["kl"])]
     target = result.get("kl_target") or float("inf")
     if not kls:
-        return {"kl_max": float("nan"), "kl_above_band": float("nan"), "kl_last_quarter": float("nan")}
+        return {"kl_max": float("nan"), "kl_above_band": float("nan"), "kl_rejected": float("nan"),
+                "kl_last_quarter": float("nan")}
     return {"kl_max": max(kls), "kl_above_band": sum(k > KL_BAND * target for k in kls) / len(kls),
+            "kl_rejected": result.get("kl_rollbacks", 0) / len(kls),
             "kl_last_quarter": statistics.mean(kls[-max(1, len(kls) // 4):])}
 
 
@@ -101,6 +105,7 @@ def summary(results: list[dict]) -> dict[str, float]:
     return {
         "kl_max": max(kl_band(r)["kl_max"] for r in results),
         "kl_above_band": statistics.mean(kl_band(r)["kl_above_band"] for r in results),
+        "kl_rejected": statistics.mean(kl_band(r)["kl_rejected"] for r in results),
         "tie_rate": statistics.mean(r["ppo"].get("test/tie_rate", float("nan")) for r in results),
         "sft_ppl": mean(("sft", "test/ppl")),
         "rm_acc": mean(("reward", "test/acc")),
@@ -175,6 +180,7 @@ def main_bench() -> None:
             f"seed {r['seed']}: ppl={r['sft']['test/ppl']:.3f} rm_acc={r['reward']['test/acc']:.3f} "
             f"win_rate={r['ppo']['test/win_rate']:.3f} reward_delta={r['ppo']['test/reward_delta']:+.3f} "
             f"kl={r['ppo']['test/kl']:.3f} train_kl_max={kl_band(r)['kl_max']:.2f} "
+            f"rejected={kl_band(r)['kl_rejected']:.2f} "
             f"tool_call_acc={r['agentic']['test/tool_call_acc']:.3f}"
         )
     print(
