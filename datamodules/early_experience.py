@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.distributed import per_device_batch
 from datamodules.text_corpus import lm_batch
-from envs.text_env import TextEnv
+from envs.text_env import TextEnv, expert_succeeds_within
 from envs.tiny_shop import tiny_shop_goals
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
 from models.action_scorer import encode_candidates, encode_prompts
@@ -81,16 +81,6 @@ def collect_branches(env: TextEnv, k: int, rng: random.Random, detour_prob: floa
         if result.done:
             break
     return branches
-
-
-def expert_succeeds_within(env: TextEnv, steps: int) -> bool:
-    """Whether the expert, from ``env``'s current state, reaches reward 1 within ``steps`` steps (``env`` untouched)."""
-    probe = env.copy()
-    for _ in range(max(steps, 0)):
-        result = probe.step(probe.expert_action())
-        if result.done:
-            return result.reward >= 1.0
-    return False
 
 
 def observation_delta(before: str, after: str) -> str:

@@ -58,3 +58,13 @@ def run_episode(env: TextEnv, policy) -> tuple[float, int, int, bool]:
         invalid += result.error is not None
         reward, done = result.reward, result.done
     return reward, steps, invalid, reward >= 1.0
+
+
+def expert_succeeds_within(env: TextEnv, steps: int) -> bool:
+    """Whether the expert, from ``env``'s current state, reaches reward 1 within ``steps`` steps (``env`` untouched)."""
+    probe = env.copy()
+    for _ in range(max(steps, 0)):
+        result = probe.step(probe.expert_action())
+        if result.done:
+            return result.reward >= 1.0
+    return False

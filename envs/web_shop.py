@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from envs.text_env import StepResult, TextEnv
+from envs.text_env import StepResult, TextEnv, expert_succeeds_within
 
 COLORS = ["black", "white", "red", "blue", "green", "grey"]
 PRODUCT_TYPES: dict[str, tuple[list[str], dict[str, list[str]]]] = {
@@ -326,17 +326,10 @@ def make_goals(catalog: dict[str, Product], split: Split, count: int, seed: int 
             return goals
         goal = _goal_for(rng.choice(products), rng)
         held_out = _stable_hash((goal.product_id, goal.options)) % 5 == 0
-        if goal in seen or (in_domain and held_out != (split == "held_out")) or not _expert_succeeds(catalog, goal):
+        if goal in seen or (in_domain and held_out != (split == "held_out")):
+            continue
+        if not expert_succeeds_within(WebShopEnv(catalog, goal), WebShopEnv.max_steps):
             continue
         seen.add(goal)
         goals.append(goal)
     raise ValueError(f"could only make {len(goals)} distinct {split} goals of the {count} asked; use a larger catalog")
-
-
-def _expert_succeeds(catalog: dict[str, Product], goal: Goal) -> bool:
-    env = WebShopEnv(catalog, goal)
-    for _ in range(env.max_steps):
-        result = env.step(env.expert_action())
-        if result.done:
-            return result.reward == 1.0
-    return False
