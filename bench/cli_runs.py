@@ -30,11 +30,13 @@ def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool =
     start = time.perf_counter()
     cli = main(args)
     seconds = time.perf_counter() - start
-    metrics = {}
-    if test:
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
-    return cli, metrics, seconds
+    return cli, test_phase(cli) if test else {}, seconds
+
+
+def test_phase(cli, ckpt_path: str | None = None) -> dict:
+    """Test metrics of a fitted CLI's model (``ckpt_path="best"``: of the checkpoint its ModelCheckpoint kept)."""
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, verbose=False)
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
 
 
 def csv_column(cli, column: str) -> list[tuple[int, float]]:

@@ -1,6 +1,6 @@
 """Benchmark of the small-LM RLHF pipeline on the offline story corpus: SFT -> reward model -> PPO, and agentic SFT.
 
-    python bench/rlhf.py [--seeds 0 1 2] [--out bench/results] [--sft-epochs 2] [--rm-epochs 3] [--ppo-steps 640]
+    python bench/rlhf.py [--seeds 0 1 2] [--out bench/results] [--sft-epochs 2] [--rm-epochs 3] [--ppo-steps N]
 
 Every phase runs with ``python train.py fit`` semantics from ``configs/rlhf/*.yaml`` (the later phases start from
 the earlier checkpoints through ``init_from``), then is tested on the held-out split: SFT perplexity, reward-model
@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import csv_column, run_phase  # noqa: E402
+import torch  # noqa: E402
+from cli_runs import csv_column, run_phase, test_phase  # noqa: E402
 
 CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml") for name in ("sft", "reward", "ppo", "agentic_sft")}
 
@@ -54,20 +55,19 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             *device,
         )
         rm_ckpt = rm.trainer.checkpoint_callback.last_model_path
-        ppo, out["ppo"], out["ppo_seconds"] = run_phase(
+        steps = ["--trainer.max_steps", str(args.ppo_steps)] if args.ppo_steps else []
+        ppo, _, out["ppo_seconds"] = run_phase(
             CONFIGS["ppo"],
             seed,
             f"{root}/ppo",
-            "--trainer.max_steps",
-            str(args.ppo_steps),
+            *steps,
             "--model.init_args.init_from",
             sft_ckpt,
             "--model.init_args.reward_model_from",
             rm_ckpt,
-            "--trainer.val_check_interval",
-            str(max(1, args.ppo_steps // 3)),
             *device,
             *shlex.split(args.ppo_args),
+            test=False,
         )
         out["ppo_curve"] = {k: csv_column(ppo, f"train/{k}") for k in ("score", "kl", "kl_coef")}
         out["ppo_val"] = {k: csv_column(ppo, f"val/{k}") for k in ("win_rate", "tie_rate", "reward_delta", "kl")}
@@ -75,6 +75,15 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
         out["rollout_tokens_per_s"] = statistics.median(speeds) if speeds else float("nan")
         out["kl_target"] = ppo.model.hparams.kl_target
         out["kl_rollbacks"] = int(ppo.model.rollback_count)  # rollouts rejected by the KL guard (or non-finite)
+        out["ppo_steps"] = ppo.trainer.global_step
+        # The policy the run ends with, then (when the config keeps one) the checkpoint with the best validation
+        # win rate in the KL band, which is the reported policy.
+        out["ppo"] = out["ppo_last"] = test_phase(ppo)
+        best = ppo.trainer.checkpoint_callback
+        if best is not None and best.monitor and best.best_model_path:
+            out["ppo_selected_step"] = torch.load(best.best_model_path, map_location="cpu", weights_only=True)[
+                "global_step"]
+            out["ppo"] = test_phase(ppo, ckpt_path="best")
         _, out["agentic"], out["agentic_seconds"] = run_phase(
             CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs), *device
         )
@@ -151,7 +160,7 @@ def main_bench() -> None:
     parser.add_argument("--out", default=str(REPO / "bench/results"))
     parser.add_argument("--sft-epochs", type=int, default=2)
     parser.add_argument("--rm-epochs", type=int, default=3)
-    parser.add_argument("--ppo-steps", type=int, default=640)
+    parser.add_argument("--ppo-steps", type=int, default=None, help="PPO optimiser steps (default: the config's)")
     parser.add_argument("--agentic-epochs", type=int, default=1)
     parser.add_argument("--accelerator", default="cpu", help="every phase's trainer accelerator (cpu, gpu)")
     parser.add_argument("--ppo-args", default="", help='extra PPO overrides, e.g. "--model.init_args.gae_lambda 0.95"')
@@ -180,7 +189,9 @@ def main_bench() -> None:
             f"seed {r['seed']}: ppl={r['sft']['test/ppl']:.3f} rm_acc={r['reward']['test/acc']:.3f} "
             f"win_rate={r['ppo']['test/win_rate']:.3f} reward_delta={r['ppo']['test/reward_delta']:+.3f} "
             f"kl={r['ppo']['test/kl']:.3f} train_kl_max={kl_band(r)['kl_max']:.2f} "
-            f"rejected={kl_band(r)['kl_rejected']:.2f} "
+            f"rejected={kl_band(r)['kl_rejected']:.2f} selected_step={r.get('ppo_selected_step', 'last')} "
+            f"last_win_rate={r.get('ppo_last', r['ppo'])['test/win_rate']:.3f} "
+            f"last_kl={r.get('ppo_last', r['ppo'])['test/kl']:.3f} "
             f"tool_call_acc={r['agentic']['test/tool_call_acc']:.3f}"
         )
     print(

@@ -297,6 +297,8 @@ class PPORLHF(LMPhase):
     ``train/rollout_tokens_per_s``; validation and test compare the policy with the reference on the same prompts:
     ``val/reward``, ``val/reward_ref``, ``val/reward_delta``, ``val/win_rate`` (paired, ties count half),
     ``val/tie_rate`` (share of prompts where both score the same: mostly identical samples), ``val/kl``,
+    ``val/win_rate_in_band`` (the win rate while ``val/kl`` is not above the KL controller's band, else 0: the
+    PPO config's ModelCheckpoint keeps the best policy by it),
     ``val/response_length``; test adds ``test/rouge1|2|L``, ``test/bleu``, ``test/distinct_1|2`` against the
     held-out completions and ``test/ppl`` / ``test/ppl_ref``, the perplexity of the policy / the reference on them.
     """
@@ -721,8 +723,15 @@ class PPORLHF(LMPhase):
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute("val")
         self.val_metrics.reset()
-        self.log("val/win_rate", values.pop("val/win_rate"), prog_bar=True)
+        win_rate = values.pop("val/win_rate")
+        self.log("val/win_rate", win_rate, prog_bar=True)
+        self.log("val/win_rate_in_band", win_rate if self.in_kl_band(float(values["val/kl"])) else 0.0 * win_rate)
         self.log_dict(values)
+
+    def in_kl_band(self, kl: float) -> bool:
+        """Whether a sequence KL is at most the top of the KL controller's band (any KL without a target)."""
+        target = self.hparams.kl_target
+        return target is None or kl <= (1 + AdaptiveKLController.max_error) * target
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute("test"))

@@ -138,8 +138,11 @@ class RewardModel(nn.Module):
 class AdaptiveKLController:
     """Ziegler et al. (2019): move the KL coefficient so that the measured KL tracks ``target``.
 
-    ``coef <- coef * (1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon)``.
+    ``coef <- coef * (1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon)``. Its band is where that
+    correction is not saturated: ``(1 +- max_error) * target``.
     """
+
+    max_error = 0.2
 
     def __init__(self, init_coef: float, target: float, horizon: int) -> None:
         if init_coef < 0 or target <= 0 or horizon <= 0:
@@ -147,7 +150,7 @@ class AdaptiveKLController:
         self.value, self.target, self.horizon = init_coef, target, horizon
 
     def update(self, kl: float, n_steps: int) -> float:
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        error = min(max(kl / self.target - 1.0, -self.max_error), self.max_error)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 

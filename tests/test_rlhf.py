@@ -363,6 +363,26 @@ def test_evaluation_kl_is_zero_for_the_reference_and_positive_after_updates(prom
     assert out["kl"].mean() > 0  # an estimate of KL(policy || reference) at the evaluation temperature
 
 
+@pytest.mark.parametrize(("kl_target", "in_band"), [(None, True), (2.0, False), (2.5, True)])
+def test_validation_win_rate_in_band_is_the_win_rate_only_while_the_kl_is_not_above_the_band(prompts, cache,
+                                                                                             kl_target, in_band):
+    module = _ppo(prompts, lora_r=4, kl_target=kl_target)
+    data = PromptDataModule(**DATA, tokenizer_cache=cache, batch_size=8, eval_batch_size=4)
+
+    def compare(batch, generator=None):  # per 4 prompts: a win, a tie, two losses; sequence KL 2.8 or 3.0
+        n = len(batch["prompt_ids"])
+        assert n % 4 == 0
+        reward = torch.tensor([1.0, 0.0, -1.0, -1.0]).repeat(n // 4)
+        kl = torch.tensor([2.8, 3.0]).repeat(n // 2)
+        return {"reward": reward, "reward_ref": torch.zeros(n), "kl": kl, "length": torch.ones(n), "texts": []}
+
+    module.compare = compare
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
+    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert metrics["val/win_rate"] == pytest.approx(1.5 / 4) and metrics["val/kl"] == pytest.approx(2.9)
+    assert metrics["val/win_rate_in_band"] == pytest.approx(1.5 / 4 if in_band else 0.0)  # band top: 1.2 x target
+
+
 def test_ppo_test_perplexity_of_policy_and_reference_on_held_out_completions(prompts):
     module = _ppo(prompts, lora_r=4)
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_test_batches=1)
