@@ -139,15 +139,21 @@ def plot_curves(results: list[dict], path: Path) -> None:
             points = sorted(dict(r["ppo_curve"][key]).items())
             ax.plot([p[0] for p in points], [p[1] for p in points], label=f"seed {r['seed']}")
         points = sorted(dict(r["ppo_val"]["win_rate"]).items())
-        axes[2].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"seed {r['seed']}")
+        line = axes[2].plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"seed {r['seed']}")
+        kls = dict(r["ppo_val"]["kl"])
+        in_band = [p for p in points if kls[p[0]] <= KL_BAND * (r.get("kl_target") or float("inf"))]
+        if "ppo_selected_step" in r and in_band:  # the checkpoint kept: the first best validation in band
+            step, win_rate = max(in_band, key=lambda p: (p[1], -p[0]))
+            axes[2].plot([step], [win_rate], marker="*", ms=14, color=line[0].get_color())
     target = results[0].get("kl_target")
     if target:
         axes[1].axhline(target, color="grey", ls="--", lw=1, label="kl_target")
         axes[1].axhspan(0.8 * target, KL_BAND * target, color="grey", alpha=0.15, label="controller band")
     axes[2].axhline(0.5, color="grey", ls="--", lw=1)
-    for ax, title in zip(axes, ("train/score (reward model)", "train/kl (sequence, nats)", "val/win_rate vs SFT")):
+    titles = ("train/score (reward model)", "train/kl (sequence, nats)", "val/win_rate vs SFT (star: policy kept)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
-        ax.set_xlabel("optimiser step")
+        ax.set_xlabel("training batch")
         ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,11 +180,12 @@ def main_bench() -> None:
         results = [r for f in files for r in f["runs"]]
         settings = files[0]["settings"] | {"seeds": [r["seed"] for r in results]}
     else:
-        settings = {k: v for k, v in vars(args).items() if k not in ("merge", "plot")}
+        settings = vars(args).copy()
         results = []
         for seed in args.seeds:
             results.append(run_seed(seed, args))
             print(json.dumps({k: v for k, v in results[-1].items() if not k.startswith("ppo_")}, indent=1))
+    settings = {k: v for k, v in settings.items() if k not in ("merge", "plot", "out")}  # no paths of this machine
     figures = summary(results)
     name = f"rlhf_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else "rlhf.json"
     (out / name).write_text(json.dumps({"settings": settings, "summary": figures, "runs": results}, indent=1))
