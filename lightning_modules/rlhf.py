@@ -34,8 +34,10 @@ from models.lm_rollout import (
     AdaptiveKLController,
     RewardModel,
     ScalarHead,
+    chosen_and_entropy,
     distinct_n,
     hidden_size_of,
+    response_log_softmax,
     response_logprobs,
     sample,
 )
@@ -293,7 +295,7 @@ class PPORLHF(LMPhase):
     Logged metrics: ``train/score`` (reward-model score of the samples), ``train/kl`` (sequence KL to the
     reference), ``train/kl_coef``, ``train/policy_loss``, ``train/value_loss``, ``train/approx_kl``,
     ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
-    ``train/rollback_count`` (all rollbacks so far),
+    ``train/rollback_count`` (all rollbacks so far), ``train/kl_loss`` (with ``kl_loss_coef``),
     ``train/rollout_tokens_per_s``; validation and test compare the policy with the reference on the same prompts:
     ``val/reward``, ``val/reward_ref``, ``val/reward_delta``, ``val/win_rate`` (paired, ties count half),
     ``val/tie_rate`` (share of prompts where both score the same: mostly identical samples), ``val/kl``,
@@ -335,6 +337,7 @@ class PPORLHF(LMPhase):
         kl_estimator: str = "k1",
         target_kl: float | None = 0.1,
         max_kl: float | None = None,
+        kl_loss_coef: float = 0.0,
         reward_clip: float = 3.0,
         missing_eos_penalty: float | None = 1.0,
         max_mean_ratio: float = 5.0,
@@ -375,6 +378,9 @@ class PPORLHF(LMPhase):
             max_kl: KL guard: a rollout whose mean sequence KL exceeds this discards the policy that sampled it
                 (adapter, value head and optimiser go back to the last accepted rollout) and doubles the KL
                 coefficient, up to 10x ``kl_coef`` (``null``: never).
+            kl_loss_coef: Weight of a loss term: the exact KL(policy || reference) over the whole vocabulary at each
+                response position, averaged over the tokens. Unlike the sampled KL in the reward it also sees
+                probability moved to tokens the rollout did not sample (0: off; costs a reference forward per step).
             reward_clip: Clip the reward-model score to +- this.
             missing_eos_penalty: Subtracted from the score of responses that never emit ``<eos>`` (``null``: none).
             max_mean_ratio: Skip a minibatch whose mean policy ratio exceeds this (a sign of divergence).
@@ -392,7 +398,7 @@ class PPORLHF(LMPhase):
             "clip_range": clip_range > 0, "clip_range_value": clip_range_value > 0, "value_coef": value_coef >= 0,
             "max_grad_norm": max_grad_norm > 0, "kl_coef": kl_coef >= 0, "kl_horizon": kl_horizon > 0,
             "kl_target": kl_target is None or kl_target > 0, "target_kl": target_kl is None or target_kl > 0,
-            "max_kl": max_kl is None or max_kl > 0,
+            "max_kl": max_kl is None or max_kl > 0, "kl_loss_coef": kl_loss_coef >= 0,
             "reward_clip": reward_clip > 0, "kl_estimator": kl_estimator in ("k1", "k3"),
             "max_rollbacks": max_rollbacks >= 1, "max_mean_ratio": max_mean_ratio > 1,
         }
@@ -465,13 +471,17 @@ class PPORLHF(LMPhase):
         return self.optimizer_factory(self.trainable_parameters())
 
     # --- acting -----------------------------------------------------------------------------------------------
+    def _reference_forward(self, fn, *args) -> Any:
+        """``fn(reference model, *args)``: the frozen copy, or the policy with its adapter disabled."""
+        if self.reference is not None:
+            return fn(self.reference, *args)
+        with self.lm.disable_adapter():
+            return fn(self.lm, *args)
+
     def _reference_logprobs(self, ids: Tensor, mask: Tensor, prompt_length: int,
                             temperature: float | None = None) -> Tensor:
         temperature = temperature or self.hparams.temperature
-        if self.reference is not None:
-            return response_logprobs(self.reference, ids, mask, prompt_length, temperature)[0]
-        with self.lm.disable_adapter():
-            return response_logprobs(self.lm, ids, mask, prompt_length, temperature)[0]
+        return self._reference_forward(response_logprobs, ids, mask, prompt_length, temperature)[0]
 
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, reference: bool = False, greedy: bool = False,
                  temperature: float | None = None, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -540,20 +550,27 @@ class PPORLHF(LMPhase):
         """Clipped policy and value losses of one minibatch (advantages normalised over its tokens)."""
         hp = self.hparams
         rmask = mb["response_mask"]
-        logprobs, entropy, hidden = response_logprobs(self.lm, mb["ids"], mb["mask"], prompt_length, hp.temperature,
-                                                      with_hidden=True)
+        inputs = (mb["ids"], mb["mask"], prompt_length, hp.temperature)
+        log_probs, hidden = response_log_softmax(self.lm, *inputs, with_hidden=True)
+        logprobs, entropy = chosen_and_entropy(log_probs, mb["ids"][:, prompt_length:])
         values = self.value_head(hidden)
         advantages = masked_normalize(mb["advantages"], rmask)
         policy_loss, ratio, log_ratio = clipped_policy_loss(logprobs, mb["logprobs"], advantages, rmask, hp.clip_range)
         value_loss = clipped_value_loss(values, mb["values"], mb["returns"], rmask, hp.clip_range_value)
         entropy = masked_mean(entropy, rmask)
         loss = policy_loss + hp.value_coef * value_loss - hp.entropy_coef * entropy
+        losses = {}
+        if hp.kl_loss_coef > 0:
+            with torch.no_grad():
+                ref_log_probs = self._reference_forward(response_log_softmax, *inputs)[0]
+            losses["kl_loss"] = masked_mean((log_probs.exp() * (log_probs - ref_log_probs)).sum(-1), rmask)
+            loss = loss + hp.kl_loss_coef * losses["kl_loss"]
         with torch.no_grad():
             approx_kl = masked_mean(ratio - 1 - log_ratio, rmask)
             clip_frac = masked_mean(((ratio - 1).abs() > hp.clip_range).float(), rmask)
             mean_ratio = masked_mean(ratio, rmask)
         return {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
-                "approx_kl": approx_kl, "clip_frac": clip_frac, "mean_ratio": mean_ratio}
+                "approx_kl": approx_kl, "clip_frac": clip_frac, "mean_ratio": mean_ratio, **losses}
 
     def _reduce(self, value: Tensor) -> float:
         """Mean over devices, so that every rank takes the same decision."""

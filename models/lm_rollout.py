@@ -89,19 +89,30 @@ def sample(
     return torch.stack(tokens, 1), torch.stack(valid, 1)
 
 
+def response_log_softmax(
+    model: nn.Module, ids: Tensor, mask: Tensor, prompt_length: int, temperature: float = 1.0,
+    with_hidden: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-softmax ``[B, R, V]`` over the vocabulary at the positions that predict the response tokens
+    ``ids[:, prompt_length:]`` (logits divided by ``temperature``), and their last hidden states when asked."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=with_hidden)
+    log_probs = torch.log_softmax(out.logits[:, prompt_length - 1 : -1].float() / temperature, dim=-1)
+    return log_probs, out.hidden_states[-1][:, prompt_length - 1 : -1] if with_hidden else None
+
+
+def chosen_and_entropy(log_probs: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probs of ``tokens`` ``[B, R]`` and the entropies of the distributions ``log_probs`` ``[B, R, V]``."""
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), -(log_probs.exp() * log_probs).sum(-1)
+
+
 def response_logprobs(
     model: nn.Module, ids: Tensor, mask: Tensor, prompt_length: int, temperature: float = 1.0,
     with_hidden: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Log-probs and entropies ``[B, R]`` of the response tokens ``ids[:, prompt_length:]`` under ``model`` (logits
     divided by ``temperature``), and the last hidden states of the positions that predict them when asked."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=with_hidden)
-    logits = out.logits[:, prompt_length - 1 : -1].float() / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    chosen = log_probs.gather(-1, ids[:, prompt_length:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    hidden = out.hidden_states[-1][:, prompt_length - 1 : -1] if with_hidden else None
-    return chosen, entropy, hidden
+    log_probs, hidden = response_log_softmax(model, ids, mask, prompt_length, temperature, with_hidden)
+    return *chosen_and_entropy(log_probs, ids[:, prompt_length:]), hidden
 
 
 class ScalarHead(nn.Module):

@@ -169,11 +169,51 @@ def test_ppo_reference_is_the_policy_without_adapter_and_value_head_starts_at_ze
     assert module.collect(batch)["kl"].abs().sum() > 0
 
 
+def test_kl_loss_is_the_exact_kl_to_the_reference_over_the_vocabulary_and_pulls_the_policy_back(prompts):
+    torch.manual_seed(0)
+    module = _ppo(prompts, lora_r=4, kl_loss_coef=0.5)
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    with torch.no_grad():
+        for name, p in module.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    rollout = module.collect(next(iter(prompts.test_dataloader())))
+    p = int(rollout["prompt_length"])
+    mb = {k: v for k, v in rollout.items() if v.dim() > 0}
+    losses = module.ppo_losses(mb, p)
+    inputs = dict(input_ids=rollout["ids"], attention_mask=rollout["mask"], position_ids=position_ids(rollout["mask"]))
+    logits = module.lm(**inputs).logits[:, p - 1 : -1]
+    with module.lm.disable_adapter():
+        ref_logits = module.lm(**inputs).logits[:, p - 1 : -1]
+    per_token = F.kl_div(F.log_softmax(ref_logits, -1), F.log_softmax(logits, -1), log_target=True,
+                         reduction="none").sum(-1)  # KL(policy || reference) at each response position
+    rmask = rollout["response_mask"]
+    expected = per_token[rmask].mean()
+    assert expected > 0.01 and torch.allclose(losses["kl_loss"], expected, atol=1e-5)
+    module.hparams.kl_loss_coef = 0.0
+    without = module.ppo_losses(mb, p)
+    assert "kl_loss" not in without
+    assert torch.allclose(losses["loss"] - without["loss"], 0.5 * expected, atol=1e-5)
+    module.zero_grad()
+    losses["kl_loss"].backward()
+    adapter = [q for n, q in module.lm.named_parameters() if "lora_" in n]
+    with torch.no_grad():  # one small step against its gradient lowers the exact KL
+        for q in adapter:
+            q -= 0.05 * q.grad
+    module.hparams.kl_loss_coef = 0.5
+    assert module.ppo_losses(mb, p)["kl_loss"] < losses["kl_loss"]
+
+
 def test_invalid_ppo_settings_fail_clearly():
     with pytest.raises(ValueError, match="clip_range=-0.1"):
         PPORLHF(clip_range=-0.1)
     with pytest.raises(ValueError, match="kl_estimator"):
         PPORLHF(kl_estimator="k2")
+    with pytest.raises(ValueError, match="kl_loss_coef=-1"):
+        PPORLHF(kl_loss_coef=-1.0)
     with pytest.raises(ValueError, match="LoRA"):
         CausalLMSFT(load_in_4bit=True)
 
