@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 
@@ -43,3 +47,20 @@ def csv_column(cli, column: str) -> list[tuple[int, float]]:
     """``(step, value)`` of every row of the run's CSV log where ``column`` was logged."""
     with open(Path(cli.trainer.logger.log_dir) / "metrics.csv") as f:
         return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]
+
+
+def in_processes(fn: Callable, calls: list[tuple], jobs: int, threads: int) -> Iterator:
+    """``fn(*call)`` for every call in ``jobs`` fresh processes of ``threads`` CPU threads each (0: all cores /
+    jobs), yielded as they finish."""
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_with_threads, threads, fn, call) for call in calls]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _with_threads(threads: int, fn: Callable, call: tuple):
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(*call)

@@ -21,24 +21,19 @@ import os
 import statistics
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import csv_column, run_phase  # noqa: E402
+from cli_runs import csv_column, in_processes, run_phase  # noqa: E402
 
 RECIPES = {"il": "web_shop_il.yaml", "iwm_il": "web_shop_iwm_il.yaml", "sr": "web_shop_sr.yaml"}
 SPLITS = ("train", "held_out", "out_of_domain")
 
 
-def run(recipe: str, seed: int, threads: int, extra: list[str]) -> dict:
-    import torch
-
-    torch.set_num_threads(threads)
+def run(recipe: str, seed: int, extra: list[str]) -> dict:
     config = str(REPO / "configs" / "early_experience" / RECIPES[recipe])
     overrides = ["--data.init_args.seed", str(seed), "--trainer.enable_model_summary", "false", *extra]
     with tempfile.TemporaryDirectory() as folder:
@@ -116,19 +111,14 @@ def main() -> None:
     if args.summarise:
         runs = [json.loads(line) for path in args.summarise for line in open(path) if line.strip()]
         return report(runs, args)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]  # the first recipe's seeds first
+    calls = [(recipe, seed, args.extra) for recipe in args.recipes for seed in args.seeds]  # first recipe first
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = []
     # Each finished run is appended at once, so an interrupted benchmark keeps what it measured.
-    with (
-        ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool,
-        open(Path(args.out) / "early_experience_runs.jsonl", "a") as log,
-    ):
-        futures = [pool.submit(run, recipe, seed, threads, args.extra) for recipe, seed in jobs]
-        for future in as_completed(futures):
-            runs.append(future.result())
-            log.write(json.dumps(runs[-1]) + "\n")
+    with open(Path(args.out) / "early_experience_runs.jsonl", "a") as log:
+        for result in in_processes(run, calls, args.jobs, args.threads):
+            runs.append(result)
+            log.write(json.dumps(result) + "\n")
             log.flush()
     report(runs, args)
 

@@ -1,6 +1,6 @@
 """Benchmark of the small-LM RLHF pipeline on the offline story corpus: SFT -> reward model -> PPO, and agentic SFT.
 
-    python bench/rlhf.py [--seeds 0 1 2] [--out bench/results] [--sft-epochs 2] [--rm-epochs 3] [--ppo-steps N]
+    python bench/rlhf.py [--seeds 0 1 2] [--jobs 3 --threads 1] [--out bench/results] [--ppo-steps N]
 
 Every phase runs with ``python train.py fit`` semantics from ``configs/rlhf/*.yaml`` (the later phases start from
 the earlier checkpoints through ``init_from``), then is tested on the held-out split: SFT perplexity, reward-model
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from cli_runs import csv_column, run_phase, test_phase  # noqa: E402
+from cli_runs import csv_column, in_processes, run_phase, test_phase  # noqa: E402
 
 CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml") for name in ("sft", "reward", "ppo", "agentic_sft")}
 
@@ -168,6 +168,8 @@ def main_bench() -> None:
     parser.add_argument("--rm-epochs", type=int, default=3)
     parser.add_argument("--ppo-steps", type=int, default=None, help="PPO optimiser steps (default: the config's)")
     parser.add_argument("--agentic-epochs", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: all cores / jobs)")
     parser.add_argument("--accelerator", default="cpu", help="every phase's trainer accelerator (cpu, gpu)")
     parser.add_argument("--ppo-args", default="", help='extra PPO overrides, e.g. "--model.init_args.gae_lambda 0.95"')
     parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files; no training")
@@ -182,10 +184,11 @@ def main_bench() -> None:
     else:
         settings = vars(args).copy()
         results = []
-        for seed in args.seeds:
-            results.append(run_seed(seed, args))
-            print(json.dumps({k: v for k, v in results[-1].items() if not k.startswith("ppo_")}, indent=1))
-    settings = {k: v for k, v in settings.items() if k not in ("merge", "plot", "out")}  # no paths of this machine
+        for result in in_processes(run_seed, [(seed, args) for seed in args.seeds], args.jobs, args.threads):
+            results.append(result)
+            print(json.dumps({k: v for k, v in result.items() if not k.startswith("ppo_")}, indent=1), flush=True)
+        results.sort(key=lambda r: r["seed"])
+    settings = {k: v for k, v in settings.items() if k not in ("merge", "plot", "out", "jobs")}  # no machine paths
     figures = summary(results)
     name = f"rlhf_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else "rlhf.json"
     (out / name).write_text(json.dumps({"settings": settings, "summary": figures, "runs": results}, indent=1))
