@@ -33,6 +33,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import torch  # noqa: E402
 from cli_runs import csv_column, in_processes, run_phase, test_phase  # noqa: E402
 
+from models.lm_rollout import AdaptiveKLController  # noqa: E402
+
 CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml") for name in ("sft", "reward", "ppo", "agentic_sft")}
 
 
@@ -90,7 +92,7 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     return out
 
 
-KL_BAND = 1.2  # the adaptive controller saturates at KL = (1 +- 0.2) x kl_target
+KL_BAND = 1 + AdaptiveKLController.max_error  # the controller saturates above KL_BAND x kl_target (and below 2 - it)
 
 
 def kl_band(result: dict) -> dict[str, float]:
@@ -148,7 +150,7 @@ def plot_curves(results: list[dict], path: Path) -> None:
     target = results[0].get("kl_target")
     if target:
         axes[1].axhline(target, color="grey", ls="--", lw=1, label="kl_target")
-        axes[1].axhspan(0.8 * target, KL_BAND * target, color="grey", alpha=0.15, label="controller band")
+        axes[1].axhspan((2 - KL_BAND) * target, KL_BAND * target, color="grey", alpha=0.15, label="controller band")
     axes[2].axhline(0.5, color="grey", ls="--", lw=1)
     titles = ("train/score (reward model)", "train/kl (sequence, nats)", "val/win_rate vs SFT (star: policy kept)")
     for ax, title in zip(axes, titles):

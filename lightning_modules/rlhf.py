@@ -742,7 +742,8 @@ class PPORLHF(LMPhase):
         self.val_metrics.reset()
         win_rate = values.pop("val/win_rate")
         self.log("val/win_rate", win_rate, prog_bar=True)
-        self.log("val/win_rate_in_band", win_rate if self.in_kl_band(float(values["val/kl"])) else 0.0 * win_rate)
+        in_band = self.in_kl_band(float(values["val/kl"]))
+        self.log("val/win_rate_in_band", win_rate if in_band else torch.zeros_like(win_rate))
         self.log_dict(values)
 
     def in_kl_band(self, kl: float) -> bool:
