@@ -1,14 +1,67 @@
 """The command line: ``python train.py {fit,validate,test,predict} --config configs/<system>/<x>.yaml``, and
-``python train.py tune --config configs/tuning/<x>.yaml`` (the tuning study, see ``tuning/cli.py``)."""
+``python train.py tune --config configs/tuning/<x>.yaml`` (the tuning study, see ``tuning/cli.py``).
+
+A config may start with ``base: <file>`` (or a list of files), paths relative to it: those configs are read
+first and this one overlays them, so an ablation file holds only what it changes.
+"""
 
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
 
+import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 from experiment.save_config import RunConfigSaver
+
+CONFIG_FLAGS = ("--config", "-c")
+
+
+def config_chain(path: str | Path, seen: tuple[Path, ...] = ()) -> list[str]:
+    """``path`` preceded by the configs it overlays (its ``base`` key, recursively), in reading order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ValueError(f"config {str(path)!r} overlays itself through its base configs")
+    with open(path) as f:
+        content = yaml.safe_load(f) or {}
+    bases = content.get("base") if isinstance(content, dict) else None
+    bases = [bases] if isinstance(bases, str) else list(bases or [])
+    chain = [c for base in bases for c in config_chain(path.parent / base, (*seen, resolved))]
+    return [*chain, str(path)]
+
+
+def expand_config_bases(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config FILE`` preceded by ``--config BASE`` for each config ``FILE`` overlays."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, _, value = arg.partition("=")
+        if flag in CONFIG_FLAGS and (value or i + 1 < len(argv)):
+            if not value:
+                i += 1
+                value = argv[i]
+            out += [part for c in config_chain(value) for part in ("--config", c)] if value.endswith(
+                (".yaml", ".yml")) else [flag, value]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class ExperimentCLI(LightningCLI):
+    """LightningCLI whose configs may name the configs they overlay (``base``)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--base", type=str | list[str] | None, default=None,
+            help="Configs that this config overlays (read before it; paths relative to it).",
+        )
 
 
 def main(args: list[str] | None = None) -> LightningCLI | dict:
@@ -20,12 +73,14 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         from tuning.cli import main as tune
 
         return tune(argv[1:])
-    return LightningCLI(
+    # The expanded argv is passed as ``args``; a DDP launcher re-runs the original sys.argv, which expands alike.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return ExperimentCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         auto_configure_optimizers=False,
-        args=args,
+        args=expand_config_bases(argv),
     )

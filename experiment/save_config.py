@@ -34,6 +34,9 @@ class RunConfigSaver(SaveConfigCallback):
         folder = run_dir(trainer)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, self.config_filename)
-        self.parser.save(self.config, path, skip_none=False, overwrite=True, multifile=self.multifile)
+        config = self.config.clone()
+        if "base" in config:
+            config.base = None  # the saved config is fully resolved: it overlays nothing
+        self.parser.save(config, path, skip_none=False, overwrite=True, multifile=self.multifile)
         if isinstance(trainer.logger, WandbLogger):
-            trainer.logger.experiment.config.update({"cli": self.config.clone().as_dict()}, allow_val_change=True)
+            trainer.logger.experiment.config.update({"cli": config.as_dict()}, allow_val_change=True)

@@ -306,7 +306,21 @@ def quantize_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.float32, 
         quantized = AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=quantization_config(compute_dtype), device_map=device_map, dtype=compute_dtype
         )
+    keep_4bit_layout(quantized)
     return prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+
+
+def keep_4bit_layout(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, bitsandbytes >= 0.48 rewrites a ``Linear4bit`` weight in place into a CPU-only layout
+    at its first forward in eval mode. That layout changes the weight's shape, fails on layers whose output size is
+    not a multiple of 32 (``shape '[32, 0]' is invalid``), and breaks the training path after an evaluation pass.
+    Training alternates evaluation and updates, so the weights stay in the standard NF4 layout.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
