@@ -15,3 +15,16 @@ def per_device_batch(datamodule: LightningDataModule, batch_size: int) -> tuple[
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by world size {world_size}")
     return batch_size // world_size, rank, world_size
+
+
+def step_seed(base: int, rank: int = 0, step: int = 0, attempt: int = 0) -> int:
+    """A seed for one rank at one step (an epoch, an optimiser step): different across ranks, steps and attempts
+    (e.g. a retry after a rollback), and the same when a resumed run reaches the same step again."""
+    return int(base) + 1_000_003 * int(rank) + 7_919 * int(step) + 104_729 * int(attempt)
+
+
+def step_generator(base: int, rank: int = 0, step: int = 0, attempt: int = 0, device=None):
+    """A ``torch.Generator`` on ``device`` seeded with ``step_seed``."""
+    import torch
+
+    return torch.Generator(device=device or "cpu").manual_seed(step_seed(base, rank, step, attempt))

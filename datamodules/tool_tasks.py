@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datamodules.distributed import per_device_batch
+from datamodules.distributed import per_device_batch, step_generator
 from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
 
@@ -24,7 +24,7 @@ class ProblemStream(IterableDataset):
     def __iter__(self):
         dm = self.datamodule
         # Seeded by epoch and rank: ranks see different problems, and a resumed run sees the same ones.
-        generator = torch.Generator().manual_seed(dm.seed + 1_000_003 * self.rank + 7_919 * dm.epochs_completed)
+        generator = step_generator(dm.seed, self.rank, dm.epochs_completed)
         probs = dm.stage_probs()
         for _ in range(self.batches):
             digits, stage = sample_problems(self.batch_size, probs, generator)

@@ -24,6 +24,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError
 
+from datamodules.distributed import step_generator
 from models.leworld import ArtificialMemory, BigLeWorldModel, InfoMode, LeWorldSystem, blm_only_step
 
 Batch = dict[str, Tensor]
@@ -495,8 +496,7 @@ class LeWorldPhase3(_SystemModule):
         """Both branches, the reward and the losses (the test calls this directly)."""
         hp = self.hparams
         states, chars = batch["states"], batch["chars"]
-        generator = torch.Generator(device=states.device)
-        generator.manual_seed(int(self.sampling_seed) + 1_000_003 * self.global_rank + 7_919 * self.global_step)
+        generator = step_generator(self.sampling_seed, self.global_rank, self.global_step, device=states.device)
         weights = {"balance": hp.lambda_balance, "diversity": hp.lambda_diversity, "entropy": hp.lambda_entropy}
         with_info = self.system.multi_step_forward(states, chars, info="sample", weights=weights, generator=generator)
         with torch.no_grad():

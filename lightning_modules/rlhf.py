@@ -28,6 +28,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
+from datamodules.distributed import step_generator
 from lightning_modules.lm_phase import LMPhase, load_phase_checkpoint
 from lightning_modules.rl import gae, masked_mean, masked_normalize
 from models.lm_rollout import (
@@ -514,9 +515,8 @@ class PPORLHF(LMPhase):
     def collect(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """One rollout batch with everything PPO needs (no gradients)."""
         hp = self.hparams
-        generator = torch.Generator(device=self.device).manual_seed(
-            int(self.sampling_seed) + 1_000_003 * self.global_rank + 7_919 * self.global_step
-            + 104_729 * int(self.rollback_count))
+        generator = step_generator(self.sampling_seed, self.global_rank, self.global_step, self.rollback_count,
+                                   device=self.device)
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
         start = time.perf_counter()
         response, response_mask = self.generate(prompt_ids, prompt_mask, generator=generator)
