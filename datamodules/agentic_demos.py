@@ -9,9 +9,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.distributed import per_device_batch
-from datamodules.text_corpus import lm_batch, pad
 from envs.agentic import Task, default_tools, demonstrations, make_task
 from models.lm_factory import build_tokenizer
+from models.lm_text import lm_batch, pad_with_mask
 
 
 class AgenticDemoDataModule(LightningDataModule):
@@ -27,7 +27,7 @@ class AgenticDemoDataModule(LightningDataModule):
         vocab_size: int = 512,
         tokenizer_cache: str | None = None,
         batch_size: int = 32,
-        eval_batch_size: int = 100,
+        eval_batch_size: int = 50,
     ) -> None:
         """
         Args:
@@ -64,8 +64,7 @@ class AgenticDemoDataModule(LightningDataModule):
         prompts, actions, tasks, first = zip(*items)
         batch = lm_batch(prompts, actions, self.tokenizer.pad_token_id, completion_only=True)
         starts = [p for p, f in zip(prompts, first) if f] or [prompts[0]]
-        batch["prompt_ids"] = pad(starts, self.tokenizer.pad_token_id, left=True)
-        batch["prompt_mask"] = pad([[1] * len(p) for p in starts], 0, left=True)
+        batch["prompt_ids"], batch["prompt_mask"] = pad_with_mask(starts, self.tokenizer.pad_token_id, left=True)
         batch["tasks"] = [t for t, f in zip(tasks, first) if f] or [tasks[0]]
         return batch
 

@@ -24,12 +24,12 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.distributed import per_device_batch
-from datamodules.text_corpus import lm_batch
 from envs.text_env import TextEnv, expert_succeeds_within
 from envs.tiny_shop import tiny_shop_goals
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
-from models.action_scorer import encode_candidates, encode_prompts
+from models.action_scorer import encode_candidates
 from models.lm_factory import build_tokenizer, load_tokenizer
+from models.lm_text import encode_prompts, lm_batch
 
 POLICY_SUFFIX = "\nAction:"
 REFLECT_SUFFIX = "\nReflect, then act:"
@@ -172,7 +172,7 @@ class EarlyExperienceDataModule(LightningDataModule):
         recipe: Literal["il", "iwm_then_il", "sr"] = "il",
         branches: int = 3,
         detour_prob: float = 0.0,
-        train_goals: int = 200,
+        train_goals: int = 1000,
         eval_goals: int = 50,
         iwm_steps: int = 200,
         sr_fraction: float = 0.5,
@@ -252,10 +252,12 @@ class EarlyExperienceDataModule(LightningDataModule):
         }
         self.policy_rationales: list[str] | None = None
 
-    @property
-    def needs_policy_rationales(self) -> bool:
-        """True until the policy has written the SR rationales (``rationale_source: policy``)."""
-        return self.hparams.rationale_source == "policy" and self.policy_rationales is None
+    def reflection_requests(self) -> list[str]:
+        """What the policy must write rationales for before training: one request per expert state, until it has
+        written them (``rationale_source: policy``); empty otherwise."""
+        if self.hparams.rationale_source != "policy" or self.policy_rationales is not None:
+            return []
+        return [reflection_request(b) for b in self.branches]
 
     def set_policy_rationales(self, rationales: list[str]) -> int:
         """Use ``rationales`` (one per branch, written from :func:`reflection_request`) for the SR examples, dropping

@@ -28,8 +28,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.distributed import per_device_batch
-from datamodules.text_corpus import lm_batch
 from models.lm_factory import build_tokenizer, load_tokenizer
+from models.lm_text import lm_batch
 
 FIRST = ["Ma", "Lo", "Ri", "Te", "Su", "Ka", "No", "Vi", "Da", "Pe", "Jo", "Ze"]
 LAST = ["ra", "len", "mo", "tis", "na", "rek", "lia", "dor", "son", "ya"]

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.distributed import per_device_batch
 from models.lm_factory import build_tokenizer, load_tokenizer
+from models.lm_text import lm_batch, pad_with_mask
 
 # --- the generated corpus -------------------------------------------------------------------------------------
 NAMES = {
@@ -163,26 +164,6 @@ def read_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
     if not documents:
         raise ValueError(f"no documents in {list(map(str, paths))}")
     return documents
-
-
-# --- batching -------------------------------------------------------------------------------------------------
-def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
-    """``[B, max_len]`` of ``sequences`` padded with ``value`` on the right (or the left)."""
-    width = max(len(s) for s in sequences)
-    rows = [([value] * (width - len(s)) + list(s)) if left else (list(s) + [value] * (width - len(s)))
-            for s in sequences]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def lm_batch(prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int,
-             completion_only: bool) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``/``attention_mask``/``labels`` (``-100`` on padding, and on prompts when
-    ``completion_only``)."""
-    ids = [p + c for p, c in zip(prompts, completions)]
-    labels = [([-100] * len(p) if completion_only else p) + c for p, c in zip(prompts, completions)]
-    input_ids = pad(ids, pad_id)
-    return {"input_ids": input_ids, "attention_mask": pad([[1] * len(s) for s in ids], 0),
-            "labels": pad(labels, -100)}
 
 
 class CorpusDataModule(LightningDataModule):
@@ -371,24 +352,26 @@ class PreferenceDataModule(CorpusDataModule):
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         chosen, rejected = zip(*items)
-        return {
-            "chosen_ids": pad(chosen, self.tokenizer.pad_token_id),
-            "chosen_mask": pad([[1] * len(s) for s in chosen], 0),
-            "rejected_ids": pad(rejected, self.tokenizer.pad_token_id),
-            "rejected_mask": pad([[1] * len(s) for s in rejected], 0),
-        }
+        pad_id = self.tokenizer.pad_token_id
+        (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = pad_with_mask(chosen, pad_id), pad_with_mask(
+            rejected, pad_id)
+        return {"chosen_ids": chosen_ids, "chosen_mask": chosen_mask, "rejected_ids": rejected_ids,
+                "rejected_mask": rejected_mask}
 
 
 class PromptDataModule(CorpusDataModule):
     """Prompts for PPO and generation: left-padded ``prompt_ids``/``prompt_mask`` and ``index`` (the document,
     whose completion is the reference for ROUGE/BLEU)."""
 
-    def __init__(self, *args, batches_per_epoch: int = 50, **kwargs) -> None:
+    def __init__(self, *args, batch_size: int = 64, eval_batch_size: int = 50, batches_per_epoch: int = 1000,
+                 **kwargs) -> None:
         """
         Args:
-            batches_per_epoch: Training batches (one per optimisation step) per epoch; prompts are reshuffled.
+            batch_size: Prompts per rollout, summed over all devices.
+            eval_batch_size: Validation / test prompts per batch per device.
+            batches_per_epoch: Training batches (one rollout each) per epoch; prompts are reshuffled.
         """
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, batch_size=batch_size, eval_batch_size=eval_batch_size, **kwargs)
         if batches_per_epoch < 1:
             raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
         self.batches_per_epoch = batches_per_epoch
@@ -401,11 +384,8 @@ class PromptDataModule(CorpusDataModule):
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         prompts, index = zip(*items)
-        return {
-            "prompt_ids": pad(prompts, self.tokenizer.pad_token_id, left=True),
-            "prompt_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
-            "index": torch.tensor(index),
-        }
+        prompt_ids, prompt_mask = pad_with_mask(prompts, self.tokenizer.pad_token_id, left=True)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "index": torch.tensor(index)}
 
     def train_dataloader(self) -> DataLoader:
         items = self.items("train")

@@ -7,6 +7,7 @@ first and this one overlays them, so an ablation file holds only what it changes
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,24 @@ from lightning.pytorch.cli import LightningCLI
 from experiment.save_config import RunConfigSaver
 
 CONFIG_FLAGS = ("--config", "-c")
+# Flat LM arguments of run configs saved before the LM settings were one ``lm`` object.
+LEGACY_LM_KEYS = ("model_name", "hidden_size", "num_layers", "num_heads", "load_in_4bit", "trust_remote_code")
+LEGACY_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                    "lora_target_modules": "target_modules"}
+
+
+def upgrade_legacy_config(content: dict) -> dict:
+    """A config whose LM phase still has the flat arguments (``model_name``, ``lora_r``, ...) with them moved
+    into the ``lm`` settings; any other config unchanged."""
+    init_args = ((content.get("model") or {}).get("init_args") or {}) if isinstance(content, dict) else {}
+    if "lm" in init_args or not any(k in init_args for k in (*LEGACY_LM_KEYS, *LEGACY_LORA_KEYS)):
+        return content
+    lm = {k: init_args.pop(k) for k in LEGACY_LM_KEYS if k in init_args}
+    lora = {new: init_args.pop(old) for old, new in LEGACY_LORA_KEYS.items() if old in init_args}
+    if lora:
+        lm["lora"] = None if lora.get("r") is None else lora
+    init_args["lm"] = lm
+    return content
 
 
 def config_chain(path: str | Path, seen: tuple[Path, ...] = ()) -> list[str]:
@@ -36,8 +55,17 @@ def config_chain(path: str | Path, seen: tuple[Path, ...] = ()) -> list[str]:
     return [*chain, str(path)]
 
 
+def _config_argument(path: str) -> str:
+    """The file itself, or the text of its upgrade when it is a legacy run config."""
+    with open(path) as f:
+        content = yaml.safe_load(f)
+    upgraded = upgrade_legacy_config(copy.deepcopy(content))
+    return path if upgraded == content else yaml.safe_dump(upgraded, sort_keys=False)
+
+
 def expand_config_bases(argv: list[str]) -> list[str]:
-    """``argv`` with every ``--config FILE`` preceded by ``--config BASE`` for each config ``FILE`` overlays."""
+    """``argv`` with every ``--config FILE`` preceded by ``--config BASE`` for each config ``FILE`` overlays (and
+    legacy run configs upgraded)."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -46,7 +74,7 @@ def expand_config_bases(argv: list[str]) -> list[str]:
             if not value:
                 i += 1
                 value = argv[i]
-            out += [part for c in config_chain(value) for part in ("--config", c)] if value.endswith(
+            out += [part for c in config_chain(value) for part in ("--config", _config_argument(c))] if value.endswith(
                 (".yaml", ".yml")) else [flag, value]
         else:
             out.append(arg)

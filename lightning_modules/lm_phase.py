@@ -1,24 +1,39 @@
-"""A LightningModule base for phases that train a causal LM: build it once the tokenizer is known, export its
-merged weights for the next phase.
+"""A LightningModule base for phases that train a causal LM: build it once the tokenizer is known, on the device
+and in the precision the Trainer chose, and export its merged weights for the next phase.
 
-A subclass implements ``_build`` (usually ``self.lm = self._build_lm(self._init_state(), self.lora)`` plus any
-heads) and its own steps. The LM is a tiny model built offline from a config by default, or ``model_name`` = a hub
-name / local folder (``models.lm_factory``). Checkpoints carry the LM's merged weights under ``merged_lm`` (LoRA
-folded in), so another phase can start from them with ``init_from`` whatever adapters this one trained.
+A subclass implements ``_build`` (usually ``self.lm = self._build_lm(self._init_state())`` plus any heads) and its
+own steps; it passes its LM settings (``models.lm_factory.LMSettings``: model, size, LoRA, 4-bit, gradient
+checkpointing), ``init_from``, ``optimizer`` and the learning-rate schedule through ``**kwargs``. Checkpoints carry
+the LM's merged weights under ``merged_lm`` (LoRA folded in), so another phase can start from them with
+``init_from`` whatever adapters this one trained.
+
+Contract with the DataModule: it has a ``tokenizer`` attribute (``TokenizerSource``); outside a Trainer, call
+``build(tokenizer)``.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from models.lm_factory import LoraSettings, build_causal_lm, merged_state_dict
+from models.lm_factory import LMSettings, build_causal_lm, merged_state_dict
+
+LRDecay = Literal["constant", "linear", "cosine"]
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}  # prefix of Lightning's precision -> compute dtype
+
+
+@runtime_checkable
+class TokenizerSource(Protocol):
+    """What an LM phase needs from its DataModule: the tokenizer its text was encoded with."""
+
+    tokenizer: Any
 
 
 def load_phase_checkpoint(path: str) -> dict[str, Any]:
@@ -34,67 +49,65 @@ def load_phase_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def warmup_decay(step: int, warmup_steps: int, total_steps: int, decay: str = "linear") -> float:
-    """Learning-rate factor: ``0 -> 1`` over ``warmup_steps``, then ``1 -> 0`` at ``total_steps`` along a line
-    (``linear``) or a half cosine (``cosine``), or kept at 1 (``constant``)."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if decay == "constant":
-        return 1.0
-    if decay == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
+def checkpoint_lm_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The model name and tiny-model size a phase checkpoint was trained with (nested ``lm`` settings, or the flat
+    arguments of checkpoints written before them)."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    settings = hparams.get("lm", hparams)
+    return {k: settings[k] for k in ("model_name", "hidden_size", "num_layers", "num_heads") if k in settings}
+
+
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                      decay: LRDecay) -> LRScheduler:
+    """Per-step learning-rate factor from torch schedulers: a linear warmup over ``warmup_steps`` (``k + 1`` / ``(w +
+    1)`` at step ``k``, so no step is taken at rate 0), then down to 0 at ``total_steps`` along a line or a half
+    cosine, or kept at 1 (``constant``)."""
+    after = max(1, total_steps - warmup_steps)
+    schedules = {
+        "constant": lambda: ConstantLR(optimizer, factor=1.0, total_iters=0),
+        "linear": lambda: LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=after),
+        "cosine": lambda: CosineAnnealingLR(optimizer, T_max=after, eta_min=0.0),
+    }
+    if warmup_steps == 0:
+        return schedules[decay]()
+    warmup = LinearLR(optimizer, start_factor=1.0 / (warmup_steps + 1), end_factor=1.0, total_iters=warmup_steps)
+    return SequentialLR(optimizer, [warmup, schedules[decay]()], milestones=[warmup_steps])
 
 
 class LMPhase(LightningModule):
-    """Builds the LM in ``configure_model`` (once the DataModule's tokenizer is known) and exports merged weights.
+    """Builds the LM in ``configure_model`` and exports merged weights.
 
-    The tokenizer comes from the DataModule's ``tokenizer`` attribute, or from ``build(tokenizer)`` outside a
-    Trainer. The optimiser sees every parameter that requires a gradient (override ``configure_optimizers`` to
-    narrow it).
+    The optimiser sees every parameter that requires a gradient (override ``configure_optimizers`` to narrow it);
+    with ``lr_decay`` or ``warmup_ratio`` it is stepped by a per-step schedule over the run's optimiser steps.
     """
 
     def __init__(
         self,
-        model_name: str = "tiny-llama",
+        *,
+        lm: LMSettings = LMSettings(),
         init_from: str | None = None,
-        hidden_size: int = 128,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        lora_r: int | None = None,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.0,
-        lora_target_modules: list[str] | str = "auto",
-        load_in_4bit: bool = False,
-        trust_remote_code: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_decay: LRDecay = "constant",
+        warmup_ratio: float = 0.0,
     ) -> None:
         """
         Args:
-            model_name: ``tiny-llama`` / ``tiny-smollm3`` (built offline from a config), a hub name or a local folder.
+            lm: The causal LM: model name or tiny size, LoRA adapter, 4-bit base, gradient checkpointing.
             init_from: Checkpoint of an earlier phase whose merged LM weights to start from (``null``: the base).
-            hidden_size: Width of a tiny model.
-            num_layers: Decoder layers of a tiny model.
-            num_heads: Attention heads of a tiny model.
-            lora_r: Rank of a LoRA adapter; ``null`` trains every weight.
-            lora_alpha: LoRA scale numerator (the update is scaled by ``alpha / r``).
-            lora_dropout: Dropout on the LoRA input.
-            lora_target_modules: Modules to adapt; ``auto`` = the attention projections of the architecture.
-            load_in_4bit: Quantise the base to 4-bit NF4 (bitsandbytes; needs ``lora_r``).
-            trust_remote_code: Allow code shipped with a hub model to run (off unless you opt in).
             optimizer: Optimiser factory, called with the trainable parameters.
+            lr_decay: Learning-rate decay after the warmup, per optimiser step, reaching zero at the last step
+                (``linear`` or ``cosine``), or ``constant`` (see ``warmup_then_decay``).
+            warmup_ratio: Share of the optimiser steps over which the learning rate rises linearly from zero.
         """
         super().__init__()
-        if min(hidden_size, num_layers, num_heads) < 1:
-            raise ValueError("hidden_size, num_layers and num_heads must be >= 1")
-        if lora_r is not None and lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1 or null, got {lora_r}")
-        if load_in_4bit and lora_r is None:
-            raise ValueError("load_in_4bit needs a LoRA adapter (set lora_r)")
-        # Records this class's arguments and those of a subclass calling it (a subclass may call it again).
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        # Records this class's arguments and those of every subclass calling it; the settings as a plain dict, so
+        # checkpoints load with ``weights_only=True``.
         self.save_hyperparameters(ignore=["optimizer"])
-        self.lora = LoraSettings(lora_r, lora_alpha, lora_dropout, lora_target_modules) if lora_r else None
+        for hparams in (self.hparams, self._hparams_initial):
+            hparams["lm"] = asdict(lm)
+        self.lm_settings = lm
         self.optimizer_factory = optimizer
         self.tokenizer = None
         self.lm: nn.Module | None = None
@@ -103,26 +116,50 @@ class LMPhase(LightningModule):
     def _tokenizer(self):
         if self.tokenizer is None:
             datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None or not hasattr(datamodule, "tokenizer"):
-                raise RuntimeError(f"{type(self).__name__} needs a tokenizer: use a corpus DataModule or call build()")
+            if not isinstance(datamodule, TokenizerSource):
+                raise RuntimeError(f"{type(self).__name__} needs a tokenizer: use a DataModule with a `tokenizer` "
+                                   "attribute, or call build(tokenizer)")
             self.tokenizer = datamodule.tokenizer
         return self.tokenizer
 
-    def _build_lm(self, state_dict: dict[str, Tensor] | None, lora: LoraSettings | None, **overrides) -> nn.Module:
-        """The LM of this phase's settings (``overrides`` replace ``model_name`` / sizes, e.g. for a reward model
-        trained at another size), loaded with ``state_dict`` when given and wrapped in ``lora`` when given."""
-        hp = self.hparams
-        settings = dict(model_name=hp.model_name, hidden_size=hp.hidden_size, num_layers=hp.num_layers,
-                        num_heads=hp.num_heads) | overrides
+    def _placement(self) -> tuple[str | dict | None, torch.dtype]:
+        """Where a 4-bit base is quantised (the Trainer's device) and the compute dtype (from its precision)."""
+        if self._trainer is None:
+            return None, torch.float32
+        precision = str(self.trainer.precision)
+        dtype = next((d for prefix, d in PRECISION_DTYPES.items() if precision.startswith(prefix)), torch.float32)
+        device = self.trainer.strategy.root_device
+        return ({"": device} if device.type != "cpu" else "cpu"), dtype
+
+    def _build_lm(self, state_dict: dict[str, Tensor] | None, adapter: bool = True, **overrides) -> nn.Module:
+        """The LM of this phase's settings, loaded with ``state_dict`` when given, with the LoRA adapter of the
+        settings when ``adapter``; ``overrides`` replace the model name or size (e.g. a reward model of another)."""
+        settings = self.lm_settings
+        lora = settings.lora if adapter else None
+        four_bit = settings.load_in_4bit and lora is not None
+        if four_bit:
+            self._check_strategy_for_4bit()
+        device_map, dtype = self._placement()
+        size = settings.size | {k: v for k, v in overrides.items() if k != "model_name"}
         lm = build_causal_lm(
-            settings["model_name"], self.tokenizer, lora=lora, load_in_4bit=hp.load_in_4bit and lora is not None,
-            state_dict=state_dict, trust_remote_code=hp.trust_remote_code, hidden_size=settings["hidden_size"],
-            num_layers=settings["num_layers"], num_heads=settings["num_heads"],
+            overrides.get("model_name", settings.model_name), self.tokenizer, lora=lora, load_in_4bit=four_bit,
+            state_dict=state_dict, trust_remote_code=settings.trust_remote_code, dtype=dtype if four_bit else
+            torch.float32, device_map=device_map if four_bit else None, **size,
         )
         rows = lm.get_input_embeddings().weight.shape[0]
         if rows < len(self.tokenizer):
             raise ValueError(f"the model has {rows} token embeddings; the tokenizer has {len(self.tokenizer)} tokens")
+        if settings.gradient_checkpointing and adapter:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if lora is not None:  # the frozen embeddings give no gradient for checkpointed blocks to pass back
+                lm.enable_input_require_grads()
         return lm
+
+    def _check_strategy_for_4bit(self) -> None:
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        if "FSDP" in strategy or "DeepSpeed" in strategy:
+            raise ValueError(f"load_in_4bit cannot be sharded by {strategy}: use one device or DDP (each process "
+                             "holds its own 4-bit copy), or train without load_in_4bit")
 
     def build(self, tokenizer=None) -> None:
         """Build the networks (Lightning calls this through ``configure_model``; call it yourself outside a
@@ -138,7 +175,7 @@ class LMPhase(LightningModule):
 
     def _build(self) -> None:
         """Set ``self.lm`` (and any heads); ``self.tokenizer`` is known here."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _build()")
+        self.lm = self._build_lm(self._init_state())
 
     def _init_state(self) -> dict[str, Tensor] | None:
         """The merged LM weights of ``init_from`` (``None`` without one)."""
@@ -146,16 +183,18 @@ class LMPhase(LightningModule):
             return None
         return load_phase_checkpoint(self.hparams.init_from)["merged_lm"]
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
-    def _scheduled(self, optimizer: torch.optim.Optimizer, warmup_ratio: float, decay: str) -> dict[str, Any]:
-        """``optimizer`` with a per-step ``warmup_decay`` schedule over the run's optimiser steps."""
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        decay, warmup_ratio = self.hparams.lr_decay, self.hparams.warmup_ratio
+        if decay == "constant" and warmup_ratio == 0:
+            return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(warmup_ratio * total)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_decay(step, warmup, total, decay))
+        schedule = warmup_then_decay(optimizer, int(warmup_ratio * total), total, decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.hparams.load_in_4bit:
+        if not self.lm_settings.load_in_4bit:
             checkpoint["merged_lm"] = merged_state_dict(self.lm)

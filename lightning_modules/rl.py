@@ -1,4 +1,4 @@
-"""Return and advantage estimators shared by the reinforcement-learning modules."""
+"""Return and advantage estimators and clipped losses shared by the reinforcement-learning modules."""
 
 from __future__ import annotations
 
@@ -36,3 +36,20 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         advantages[:, t] = running
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                        clip_range: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO's pessimistic objective ``mean(max(-A r, -A clip(r, 1 - e, 1 + e)))`` over the masked tokens, with
+    ``r = exp(logprobs - old_logprobs)``; returns ``(loss, ratio, log_ratio)``."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return masked_mean(torch.max(unclipped, clipped), mask), ratio, log_ratio
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float) -> Tensor:
+    """``0.5 * mean(max((v - R)^2, (v_old + clip(v - v_old, -e, e) - R)^2))`` over the masked tokens."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)

@@ -12,14 +12,9 @@ from __future__ import annotations
 import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """``<bos>`` (when the tokenizer has one) + each prompt's tokens: the policy's context (one tokenizer call)."""
-    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
-    return [[tokenizer.bos_token_id, *ids] for ids in rows] if tokenizer.bos_token_id is not None else rows
+from models.lm_text import encode_prompts, pad
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -58,7 +53,7 @@ def score_candidates(
     if len(prompts) != len(candidates):
         raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     states = list(zip(encode_prompts(tokenizer, prompts), (encode_candidates(tokenizer, c) for c in candidates)))
     lengths = [len(p) + sum(map(len, cs)) for p, cs in states]
     first_candidate = [0, *itertools.accumulate(len(cs) for _, cs in states)]
@@ -85,10 +80,10 @@ def score_candidates(
             row["positions"] += range(n, n + len(cand))
             row["segments"] += [k + 1] * len(cand)
         row["states"] += [slot] * lengths[i]
-    tokens = _pad([r["tokens"] for r in rows], pad)
-    positions = _pad([r["positions"] for r in rows], 0)
+    tokens = pad([r["tokens"] for r in rows], pad_id)
+    positions = pad([r["positions"] for r in rows], 0)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    mask = _packed_attention_mask(_pad([r["states"] for r in rows], -1), _pad([r["segments"] for r in rows], -1), dtype)
+    mask = _packed_attention_mask(pad([r["states"] for r in rows], -1), pad([r["segments"] for r in rows], -1), dtype)
     # Only candidate tokens need logits: run the decoder, then the output layer on the predicting columns only.
     hidden = model.get_decoder()(
         input_ids=tokens.to(device), attention_mask=mask.to(device), position_ids=positions.to(device)
@@ -102,21 +97,6 @@ def score_candidates(
     if length_normalize:
         totals = totals / torch.zeros_like(totals).index_add_(0, owner_index, torch.ones_like(token_log_probs))
     return list(totals.split([len(cs) for _, cs in states]))
-
-
-def completion_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of the labelled tokens (``-100`` elsewhere), as ``model(..., labels=labels).loss``, with
-    the output layer run only on the positions that predict a labelled token (a few per row for an action)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    targets = labels[:, 1:]
-    predicting = targets != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
-    return F.cross_entropy(logits.float(), targets[predicting])
-
-
-def _pad(rows: list[list[int]], value: int) -> Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
 def _packed_attention_mask(states: Tensor, segments: Tensor, dtype: torch.dtype) -> Tensor:

@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -131,7 +131,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 # --- models ---------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class LoraSettings:
     """LoRA adapter settings (peft ``LoraConfig``)."""
 
@@ -141,7 +141,7 @@ class LoraSettings:
     """Scale numerator: the update is multiplied by ``alpha / r``."""
     dropout: float = 0.0
     """Dropout on the adapter's input."""
-    target_modules: list[str] | str = field(default_factory=lambda: list(_DEFAULT_PROJECTIONS))
+    target_modules: list[str] | str = "auto"
     """Module names to adapt; ``auto`` picks the attention projections of the architecture."""
 
     def __post_init__(self) -> None:
@@ -149,6 +149,39 @@ class LoraSettings:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class LMSettings:
+    """The causal LM a phase trains: which model, its size when built offline, LoRA, 4-bit and memory options."""
+
+    model_name: str = "tiny-llama"
+    """``tiny-llama`` / ``tiny-smollm3`` (built offline from a config), a hub name or a local folder."""
+    hidden_size: int = 128
+    """Width of a tiny model (ignored for hub models and folders)."""
+    num_layers: int = 2
+    """Decoder layers of a tiny model."""
+    num_heads: int = 4
+    """Attention heads of a tiny model."""
+    lora: LoraSettings | None = None
+    """A LoRA adapter to train on the frozen base; ``null`` trains every weight."""
+    load_in_4bit: bool = False
+    """Quantise the base to 4-bit NF4 with bitsandbytes (needs ``lora``), on the device the Trainer trains on."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    trust_remote_code: bool = False
+    """Let ``from_pretrained`` run code shipped with a hub model (off unless you opt in)."""
+
+    def __post_init__(self) -> None:
+        if min(self.hidden_size, self.num_layers, self.num_heads) < 1:
+            raise ValueError("hidden_size, num_layers and num_heads must be >= 1")
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("load_in_4bit needs a LoRA adapter (set lora)")
+
+    @property
+    def size(self) -> dict[str, int]:
+        """The size arguments of ``build_causal_lm`` for a tiny model."""
+        return {"hidden_size": self.hidden_size, "num_layers": self.num_layers, "num_heads": self.num_heads}
 
 
 def tiny_config(

@@ -1,6 +1,6 @@
-"""Pieces shared by the RLHF phases that are plain tensors and ``nn.Module``s: batched sampling with a KV cache,
-per-token log-probabilities, last-token pooling, a scalar head on a causal LM (reward model, value head), the
-adaptive KL controller and text-diversity statistics."""
+"""Pieces shared by the RL phases that are plain tensors and ``nn.Module``s: per-token log-probabilities,
+last-token pooling, a scalar head on a causal LM (reward model, value head), the adaptive KL controller and
+text-diversity statistics. Sampling is ``models.lm_text.sample``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-
-def position_ids(mask: Tensor) -> Tensor:
-    """Positions that skip left padding: 0 at each row's first real token."""
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+from models.lm_text import position_ids
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -25,68 +22,6 @@ def last_token_index(mask: Tensor) -> Tensor:
 def hidden_size_of(model: nn.Module) -> int:
     config = model.config
     return getattr(config, "hidden_size", None) or config.get_text_config().hidden_size
-
-
-def _cache_argument(model: nn.Module) -> str:
-    """``cache`` (transformers >= 5) or ``past_key_values`` (older), whichever the model's forward takes."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _cache_of(out) -> object:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-@torch.no_grad()
-def sample(
-    model: nn.Module,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    max_new_tokens: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    temperature: float = 1.0,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Continue left-padded prompts ``[B, P]``; returns ``(tokens, mask)`` ``[B, R]``.
-
-    Tokens are drawn from ``softmax(logits / temperature)`` with no top-k / top-p truncation, so the log-probs
-    that PPO recomputes with the same temperature are those of the sampling distribution. ``mask`` marks the tokens
-    up to and including each row's ``<eos>``; later positions hold ``pad_token_id``.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    mask = prompt_mask.long()
-    cache_arg = _cache_argument(model)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
-    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    tokens, valid = [], []
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        if greedy:
-            token = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        valid.append(~finished)
-        tokens.append(token)
-        finished = finished | (token == eos_token_id)
-        if finished.all():
-            break
-        mask = torch.cat([mask, valid[-1].long().unsqueeze(1)], dim=1)
-        out = model(
-            input_ids=token.unsqueeze(1),
-            attention_mask=mask,
-            position_ids=(mask.sum(-1, keepdim=True) - 1),
-            use_cache=True,
-            **{cache_arg: _cache_of(out)},
-        )
-    return torch.stack(tokens, 1), torch.stack(valid, 1)
 
 
 def response_log_softmax(

@@ -5,8 +5,9 @@ import torch
 
 from envs.tiny_shop import TinyShopEnv
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
-from models.action_scorer import batched_scores, choose_action, completion_loss, naive_scores, score_candidates
+from models.action_scorer import batched_scores, choose_action, naive_scores, score_candidates
 from models.lm_factory import LoraSettings, build_causal_lm, build_tokenizer
+from models.lm_text import completion_loss
 
 
 @pytest.fixture(scope="module")

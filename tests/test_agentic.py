@@ -18,7 +18,8 @@ from envs.agentic import (
     parse_action,
     run_episode,
 )
-from lightning_modules.rlhf import AgenticSFT
+from lightning_modules.sft import AgenticSFT
+from models.lm_factory import LMSettings
 
 
 @pytest.mark.parametrize(
@@ -127,7 +128,7 @@ def test_tool_call_accuracy_rises_with_agentic_sft(tmp_path):
     torch.manual_seed(0)
     data = AgenticDemoDataModule(num_train_tasks=200, num_eval_tasks=24, vocab_size=400, batch_size=16,
                                  eval_batch_size=24, tokenizer_cache=str(tmp_path / "tok"))
-    module = AgenticSFT(hidden_size=48, num_layers=2, num_heads=4, max_new_tokens=24,
+    module = AgenticSFT(lm=LMSettings(hidden_size=48, num_layers=2, num_heads=4), max_new_tokens=24,
                         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
     module.build(data.tokenizer)
     kwargs = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)

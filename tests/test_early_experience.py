@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,7 +26,10 @@ from datamodules.early_experience import (
 from envs.tiny_shop import TinyShopEnv
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
 from lightning_modules.early_experience import EarlyExperienceAgent
+from models.lm_factory import LMSettings, LoraSettings
 from tests.conftest import REPO
+
+SMALL_LM = LMSettings(model_name="tiny-smollm3", hidden_size=32, num_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +148,7 @@ def test_recipes_choose_their_pool_by_step(tiny_data):
 
 def test_episodes_count_invalid_actions_and_leave_the_goals_untouched(tiny_data):
     torch.manual_seed(0)
-    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2)
+    agent = EarlyExperienceAgent(lm=SMALL_LM)
     agent.build(tiny_data.tokenizer)
     envs = tiny_data.eval_envs["held_out"]
     outcomes = agent.run_episodes(envs)
@@ -155,7 +159,7 @@ def test_episodes_count_invalid_actions_and_leave_the_goals_untouched(tiny_data)
 
 
 def test_malformed_actions_from_the_model_are_no_ops_counted_as_invalid(tiny_data, monkeypatch):
-    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2)
+    agent = EarlyExperienceAgent(lm=SMALL_LM)
     agent.build(tiny_data.tokenizer)
     replies = iter(["", "ACTION: FLY", "SELECT color=purple", "\x00{]"] * 10)
     monkeypatch.setattr(agent, "act", lambda envs: [next(replies) for _ in envs])
@@ -166,7 +170,8 @@ def test_malformed_actions_from_the_model_are_no_ops_counted_as_invalid(tiny_dat
 
 def test_4bit_lora_agent_trains_only_its_adapter_on_cpu(tiny_data):
     torch.manual_seed(0)
-    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2, lora_r=4, load_in_4bit=True)
+    agent = EarlyExperienceAgent(lm=replace(SMALL_LM, lora=LoraSettings(r=4), load_in_4bit=True), lr_decay="constant",
+                                 warmup_ratio=0.0)
     agent.build(tiny_data.tokenizer)
     before = {n: p.detach().clone() for n, p in agent.named_parameters()}
     optimizer = agent.configure_optimizers()
@@ -193,7 +198,8 @@ def _fit_tiny_shop(folder, *extra):
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(folder),
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(folder),
         "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
-        "--model.init_args.hidden_size", "32", "--model.init_args.num_heads", "2", "--model.init_args.num_layers", "1",
+        "--model.init_args.lm.hidden_size", "32", "--model.init_args.lm.num_heads", "2",
+        "--model.init_args.lm.num_layers", "1",
         "--data.init_args.train_goals", "8", "--data.init_args.eval_goals", "4", "--data.init_args.batch_size", "4",
         "--data.init_args.tokenizer_cache", str(folder.parent / "tok"),
         "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}",
@@ -246,9 +252,9 @@ def test_policy_written_rationales_are_filtered_and_travel_with_checkpoints(tmp_
         env="tiny_shop", recipe="sr", rationale_source="policy", train_goals=6, eval_goals=2, vocab_size=320,
         tokenizer_cache=str(tmp_path),
     )  # fmt: skip
-    assert data.needs_policy_rationales and data.pools["sr"] == []
+    assert len(data.reflection_requests()) == len(data.branches) and data.pools["sr"] == []
     torch.manual_seed(0)
-    agent = EarlyExperienceAgent(hidden_size=32, num_heads=2)
+    agent = EarlyExperienceAgent(lm=SMALL_LM)
     agent.build(data.tokenizer)
     requests = [reflection_request(b) for b in data.branches]
     assert all(b.expert_action in r and r.endswith("Rationale:") for b, r in zip(data.branches, requests))
@@ -261,12 +267,12 @@ def test_policy_written_rationales_are_filtered_and_travel_with_checkpoints(tmp_
         for i, b in enumerate(data.branches)
     ]
     kept = data.set_policy_rationales(rationales)
-    assert kept == len(rationales[::2]) and not data.needs_policy_rationales
+    assert kept == len(rationales[::2]) and data.reflection_requests() == []
     first_prompt, first_completion = data.pools["sr"][0]
     assert data.tokenizer.decode(first_completion, skip_special_tokens=True).startswith("it works. Best:")
 
     restored = EarlyExperienceDataModule(**data.hparams)
     restored.load_state_dict(data.state_dict())
-    assert restored.pools["sr"] == data.pools["sr"] and not restored.needs_policy_rationales
+    assert restored.pools["sr"] == data.pools["sr"] and restored.reflection_requests() == []
     with pytest.raises(ValueError, match="no policy-written rationale"):
         restored.set_policy_rationales(["Best: wait."] * len(rationales))

@@ -1,5 +1,6 @@
 """RLHF math against hand computations, sampling, the reference model, rollback and the SFT -> RM -> PPO chain."""
 
+import csv
 import math
 
 import pytest
@@ -9,27 +10,19 @@ from lightning.pytorch import Callback, Trainer
 
 from datamodules.text_corpus import PreferenceDataModule, PromptDataModule, TextCorpusDataModule
 from experiment.cli import main
-from lightning_modules.rlhf import (
-    PPORLHF,
-    CausalLMSFT,
-    PairwiseRewardModel,
-    bradley_terry_loss,
-    clipped_policy_loss,
-    clipped_value_loss,
-    load_phase_checkpoint,
-)
-from models.lm_factory import build_causal_lm
-from models.lm_rollout import (
-    AdaptiveKLController,
-    distinct_n,
-    last_token_index,
-    position_ids,
-    response_logprobs,
-    sample,
-)
+from lightning_modules.lm_phase import load_phase_checkpoint
+from lightning_modules.ppo import PPORLHF
+from lightning_modules.reward_model import PairwiseRewardModel, bradley_terry_loss
+from lightning_modules.rl import clipped_policy_loss, clipped_value_loss
+from lightning_modules.sft import CausalLMSFT
+from models.lm_factory import LMSettings, LoraSettings, build_causal_lm
+from models.lm_rollout import AdaptiveKLController, distinct_n, last_token_index, response_logprobs
+from models.lm_text import position_ids, sample
 from tests.conftest import REPO
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
+TINY_CLI = ["--model.init_args.lm.hidden_size", "32", "--model.init_args.lm.num_layers", "1",
+            "--model.init_args.lm.num_heads", "2"]
 DATA = dict(num_stories=120, vocab_size=320)
 
 
@@ -143,8 +136,9 @@ def test_sampling_stops_at_eos_and_logprobs_use_the_temperature(prompts):
 
 
 # --- modules --------------------------------------------------------------------------------------------------
-def _ppo(prompts, **kwargs):
-    module = PPORLHF(**TINY, max_new_tokens=8, minibatch_size=4, ppo_epochs=1, **kwargs)
+def _ppo(prompts, lora_r: int | None = None, **kwargs):
+    lm = LMSettings(**TINY, lora=LoraSettings(r=lora_r, alpha=32.0) if lora_r else None)  # the PPO config's alpha
+    module = PPORLHF(lm=lm, max_new_tokens=8, minibatch_size=4, ppo_epochs=1, **kwargs)
     module.build(prompts.tokenizer)
     return module
 
@@ -159,9 +153,13 @@ def test_ppo_reference_is_the_policy_without_adapter_and_value_head_starts_at_ze
     rollout = module.collect(batch)
     assert torch.equal(rollout["kl"], torch.zeros_like(rollout["kl"]))  # LoRA B = 0: policy == reference
     assert torch.equal(rollout["values"], torch.zeros_like(rollout["values"]))
-    # Returns = score at the last token (gamma 1, no KL yet): every token's return is the clipped final reward.
+    # Gamma 1, lambda 1, no KL yet and zero values: every token's return is its sequence's clipped final reward.
+    assert module.hparams.gamma == module.hparams.gae_lambda == 1.0
     rmask = rollout["response_mask"]
-    assert torch.allclose(rollout["returns"][rmask].max(), rollout["returns"][rmask].max())
+    response = rollout["ids"][:, int(rollout["prompt_length"]):]
+    has_eos = ((response == module.tokenizer.eos_token_id) & rmask).any(1)
+    final = (rollout["score"] - module.hparams.missing_eos_penalty * (~has_eos).float()).clamp(-3.0, 3.0)
+    assert torch.allclose(rollout["returns"], final[:, None] * rmask, atol=1e-6)
     with torch.no_grad():
         for name, p in module.lm.named_parameters():
             if "lora_B" in name:
@@ -215,12 +213,12 @@ def test_invalid_ppo_settings_fail_clearly():
     with pytest.raises(ValueError, match="kl_loss_coef=-1"):
         PPORLHF(kl_loss_coef=-1.0)
     with pytest.raises(ValueError, match="LoRA"):
-        CausalLMSFT(load_in_4bit=True)
+        CausalLMSFT(lm=LMSettings(load_in_4bit=True))
 
 
 def _fit(module, datamodule, root, **trainer_kwargs):
-    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                      **trainer_kwargs)
+    trainer_kwargs.setdefault("logger", False)
+    trainer = Trainer(enable_progress_bar=False, enable_model_summary=False, default_root_dir=root, **trainer_kwargs)
     trainer.fit(module, datamodule=datamodule)
     return trainer
 
@@ -244,6 +242,38 @@ def test_non_finite_rewards_roll_back_and_stop(prompts, tmp_path):
     with pytest.raises(FloatingPointError, match="3 rolled-back iterations in a row"):
         _fit(module, prompts, tmp_path, max_steps=10, limit_val_batches=0, enable_checkpointing=False)
     assert all(torch.equal(p, start[n]) for n, p in module.named_parameters() if p.requires_grad)
+
+
+def test_train_rollbacks_counts_the_rolled_back_iterations_before_an_accepted_update(prompts, tmp_path, monkeypatch):
+    module = _ppo(prompts, lora_r=4, target_kl=None)
+    start, logged, log = module._start_iteration, [], module.log
+    calls = iter(range(1000))
+
+    def start_iteration(batch):  # the first rollout is rolled back, the others are accepted
+        accepted = start(batch)
+        if next(calls) == 0:
+            module._rollback("test")
+            return False
+        return accepted
+
+    monkeypatch.setattr(module, "_start_iteration", start_iteration)
+    monkeypatch.setattr(module, "log", lambda name, value, *a, **k: logged.append(float(value)) if name ==
+                        "train/rollbacks" else log(name, value, *a, **k))
+    _fit(module, prompts, tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False)
+    assert logged == [1.0, 0.0] and int(module.rollback_count) == 1
+
+
+def test_reward_model_logs_its_training_accuracy_every_step(cache, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = PreferenceDataModule(**DATA, tokenizer_cache=cache, batch_size=8)
+    module = PairwiseRewardModel(lm=LMSettings(**TINY))
+    module.build(data.tokenizer)
+    _fit(module, data, tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False, log_every_n_steps=1,
+         logger=CSVLogger(tmp_path))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    accuracy = [float(r["train/acc"]) for r in rows if r.get("train/acc")]
+    assert len(accuracy) == 2 and all(a in (i / 8 for i in range(9)) for a in accuracy)  # a share of 8 pairs
 
 
 class _SpikeAfterFirstIteration(Callback):
@@ -319,7 +349,7 @@ def test_invalid_kl_guard_fails_clearly():
 def test_sft_lowers_perplexity(cache, tmp_path):
     torch.manual_seed(0)
     data = TextCorpusDataModule(**DATA, tokenizer_cache=cache, batch_size=16, eval_batch_size=64)
-    sft = CausalLMSFT(**TINY, optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
+    sft = CausalLMSFT(lm=LMSettings(**TINY), optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3))
     sft.build(data.tokenizer)
     before = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
         sft, datamodule=data, verbose=False)[0]["val/ppl"]
@@ -333,8 +363,7 @@ def test_phases_chain_through_checkpoints(cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
               "--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320",
-              "--data.init_args.tokenizer_cache", cache, "--model.init_args.hidden_size", "32",
-              "--model.init_args.num_layers", "1", "--model.init_args.num_heads", "2"]
+              "--data.init_args.tokenizer_cache", cache, *TINY_CLI]
     sft = main(["fit", "--config", str(REPO / "configs/rlhf/sft.yaml"), *common])
     sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
     merged = load_phase_checkpoint(sft_ckpt)["merged_lm"]
@@ -454,8 +483,7 @@ def test_ppo_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, cache):
     out = tmp_path / "params"
     tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
             "16", "--data.init_args.tokenizer_cache", cache, "--model.init_args.minibatch_size", "4",
-            "--model.init_args.max_new_tokens", "8", "--model.init_args.hidden_size", "32",
-            "--model.init_args.num_layers", "1", "--model.init_args.num_heads", "2"]
+            "--model.init_args.max_new_tokens", "8", *TINY_CLI]
     command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/ppo.yaml"),
                "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "4",
                "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
@@ -476,8 +504,7 @@ def test_sft_ddp_on_two_cpu_processes_trains_different_shards_into_identical_ran
 
     out = tmp_path / "params"
     tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
-            "8", "--data.init_args.tokenizer_cache", cache, "--model.init_args.hidden_size", "32",
-            "--model.init_args.num_layers", "1", "--model.init_args.num_heads", "2"]
+            "8", "--data.init_args.tokenizer_cache", cache, *TINY_CLI]
     command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/sft.yaml"),
                "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "3",
                "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
@@ -504,7 +531,7 @@ MODEL_OVERLAYS = sorted((REPO / "configs/rlhf/models").glob("*.yaml"))
 def test_there_is_a_model_overlay_for_every_model_of_the_seed():
     import yaml
 
-    names = {yaml.safe_load(p.read_text())["model"]["init_args"]["model_name"] for p in MODEL_OVERLAYS}
+    names = {yaml.safe_load(p.read_text())["model"]["init_args"]["lm"]["model_name"] for p in MODEL_OVERLAYS}
     assert names == SEED_MODELS
 
 
@@ -512,7 +539,7 @@ def test_there_is_a_model_overlay_for_every_model_of_the_seed():
 def test_model_overlay_sets_model_and_tokenizer_of_every_phase(overlay, capsys):
     import yaml
 
-    name = yaml.safe_load(overlay.read_text())["model"]["init_args"]["model_name"]
+    name = yaml.safe_load(overlay.read_text())["model"]["init_args"]["lm"]["model_name"]
     for phase in ("sft", "reward", "ppo"):
         base = yaml.safe_load((REPO / f"configs/rlhf/{phase}.yaml").read_text())
         with pytest.raises(SystemExit):
@@ -520,8 +547,9 @@ def test_model_overlay_sets_model_and_tokenizer_of_every_phase(overlay, capsys):
                   "--print_config"])
         config = yaml.safe_load(capsys.readouterr().out)
         assert config["model"]["class_path"] == base["model"]["class_path"]  # the phase survives the overlay
-        assert config["model"]["init_args"]["model_name"] == name == config["data"]["init_args"]["tokenizer"]
-        assert config["model"]["init_args"]["lora_r"] == 16
+        lm = config["model"]["init_args"]["lm"]
+        assert lm["model_name"] == name == config["data"]["init_args"]["tokenizer"]
+        assert lm["lora"]["r"] == 16
         assert config["data"]["init_args"]["num_stories"] == base["data"]["init_args"]["num_stories"]
 
 
@@ -537,7 +565,7 @@ def test_pythia_overlay_trains_a_lora_adapter_on_a_local_gpt_neox_folder(cache, 
     tokenizer.save_pretrained(folder)
     monkeypatch.chdir(tmp_path)
     run = main(["fit", "--config", str(REPO / "configs/rlhf/sft.yaml"), "--config",
-                str(REPO / "configs/rlhf/models/pythia-70m.yaml"), "--model.init_args.model_name", str(folder),
+                str(REPO / "configs/rlhf/models/pythia-70m.yaml"), "--model.init_args.lm.model_name", str(folder),
                 "--data.init_args.tokenizer", str(folder), "--data.init_args.num_stories", "120",
                 "--trainer.fast_dev_run", "true"])
     trainable = {n: p for n, p in run.model.lm.named_parameters() if p.requires_grad}

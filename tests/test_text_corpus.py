@@ -93,7 +93,7 @@ def test_sft_batches_mask_prompt_and_padding(cache):
 
 def test_splits_are_disjoint_and_shared_across_phases(cache):
     sft = TextCorpusDataModule(num_stories=200, tokenizer_cache=cache, vocab_size=400)
-    ppo = PromptDataModule(num_stories=200, tokenizer_cache=cache, vocab_size=400, batch_size=8)
+    ppo = PromptDataModule(num_stories=200, tokenizer_cache=cache, vocab_size=400, batch_size=8, batches_per_epoch=50)
     assert sft.split_indices == ppo.split_indices
     assert sft.tokenizer.get_vocab() == ppo.tokenizer.get_vocab()
     train, val, test = (set(sft.split(s)) for s in ("train", "val", "test"))

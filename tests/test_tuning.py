@@ -18,7 +18,7 @@ import torch
 
 from datamodules.instructions import InstructionDataModule, parse_qa_text, qa_text
 from experiment.cli import main
-from lightning_modules.lm_phase import warmup_decay
+from lightning_modules.lm_phase import warmup_then_decay
 from models.lm_factory import LoraSettings, build_causal_lm
 from tests.conftest import REPO
 from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner
@@ -30,7 +30,7 @@ from tuning.trial import SEED_TARGETS
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
               "--data.num_knowledge_people", "4", "--data.max_length", "128"]
-SMALL_TRIAL = ["--trial.hidden_size", "32", "--trial.num_layers", "1", "--trial.num_heads", "2",
+SMALL_TRIAL = ["--trial.lm.hidden_size", "32", "--trial.lm.num_layers", "1", "--trial.lm.num_heads", "2",
                "--trial.max_steps", "12", "--trial.pretrain_steps", "20", "--trial.threads", "1"]
 SMALL_SEAL = ["--seal.passages", "2", "--seal.candidates", "1", "--seal.inner_steps", "2",
               "--seal.max_new_tokens", "16"]
@@ -292,20 +292,39 @@ def test_a_datasets_name_is_read_through_the_library(tmp_path, monkeypatch):
         InstructionDataModule(dataset="org/other", tokenizer_cache=str(tmp_path))
 
 
-def test_qa_text_round_trips_and_warmup_schedule():
+def test_qa_text_round_trips():
     pairs = [("Where does Mara live?", "Oakvale"), ("What is the job of Mara?", "baker")]
     assert parse_qa_text(qa_text(pairs)) == pairs
     assert parse_qa_text("Q: garbage without answer") == []
-    factors = [warmup_decay(s, 2, 10) for s in range(10)]
-    assert factors[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and factors[-1] == pytest.approx(1 / 8)
-    cosine = [warmup_decay(s, 0, 10, "cosine") for s in (0, 5, 10)]
-    assert cosine == pytest.approx([1.0, 0.5, 0.0]) and warmup_decay(7, 2, 10, "constant") == 1.0
+
+
+SEED_LORA = LoraSettings(r=8, alpha=16.0, target_modules=list(SEED_TARGETS))
+
+
+def _rate_factors(warmup: int, total: int, decay: str) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    schedule = warmup_then_decay(optimizer, warmup, total, decay)
+    factors = []
+    for _ in range(total):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return factors
+
+
+def test_warmup_then_decay_against_hand_computed_factors():
+    linear = _rate_factors(2, 10, "linear")  # warmup (k + 1) / 3, then 1 - (k - 2) / 8
+    assert linear == pytest.approx([1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    cosine = _rate_factors(0, 10, "cosine")
+    assert [cosine[0], cosine[5]] == pytest.approx([1.0, 0.5])
+    assert _rate_factors(2, 7, "constant") == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 1])
 
 
 # --- SEAL -----------------------------------------------------------------------------------------------------
 def test_seal_keeps_only_self_edits_that_improve_held_out_qa(data):
     torch.manual_seed(0)
-    lm = build_causal_lm("tiny-llama", data.tokenizer, lora=LoraSettings(8, 16, 0.0, SEED_TARGETS), hidden_size=32,
+    lm = build_causal_lm("tiny-llama", data.tokenizer, lora=SEED_LORA, hidden_size=32,
                          num_layers=1, num_heads=2)
     people = data.people["knowledge"][:2]
     wrong_city = {"Oakvale": "Pinecrest"}
@@ -329,7 +348,7 @@ def test_seal_keeps_only_self_edits_that_improve_held_out_qa(data):
     assert result["kept"] == 2
     assert any(not torch.equal(before[n], p) for n, p in lm.named_parameters() if n in before)
     # Nothing clears a high bar: nothing kept, the model is left as it was.
-    lm2 = build_causal_lm("tiny-llama", data.tokenizer, lora=LoraSettings(8, 16, 0.0, SEED_TARGETS), hidden_size=32,
+    lm2 = build_causal_lm("tiny-llama", data.tokenizer, lora=SEED_LORA, hidden_size=32,
                           num_layers=1, num_heads=2)
     state = trainable_state(lm2)
     strict = SealSettings(passages=2, candidates=2, inner_steps=30, lr=1e-2, min_improvement=1.0)

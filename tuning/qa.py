@@ -10,12 +10,10 @@ from collections import Counter
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.text import squad
 
-from datamodules.text_corpus import lm_batch, pad
-from models.lm_rollout import sample
+from models.lm_text import IGNORE_INDEX, causal_lm_loss, lm_batch, pad_with_mask, sample
 
 
 def normalize_answer(text: str) -> str:
@@ -62,8 +60,7 @@ def generate(lm: nn.Module, data, prompts: Sequence[str], max_new_tokens: int = 
     device = next(lm.parameters()).device
     for start in range(0, len(prompts), batch_size):
         ids = [data.encode(p)[0] for p in prompts[start:start + batch_size]]
-        prompt_ids = pad(ids, tokenizer.pad_token_id, left=True).to(device)
-        mask = pad([[1] * len(i) for i in ids], 0, left=True).to(device)
+        prompt_ids, mask = (t.to(device) for t in pad_with_mask(ids, tokenizer.pad_token_id, left=True))
         tokens, valid = sample(lm, prompt_ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                temperature=temperature, greedy=greedy, generator=generator)
         for row, keep in zip(tokens.cpu(), valid.cpu()):
@@ -84,11 +81,9 @@ def answer_loss(lm: nn.Module, data, pairs: Sequence[tuple[str, str]], batch_siz
         items = [data.encode(p, r) for p, r in pairs[start:start + batch_size]]
         batch = lm_batch(*zip(*items), data.tokenizer.pad_token_id, completion_only=True)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((labels != -100).sum())
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total += causal_lm_loss(logits, batch["labels"], reduction="sum").item()
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     lm.train(was_training)
     return total / max(count, 1)
 

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from datamodules.instructions import ASK, WRITE, Example, Knowledge, format_prompt, parse_qa_text
-from datamodules.text_corpus import lm_batch
+from models.lm_text import causal_lm_loss, lm_batch
 from tuning.qa import answer_loss, evaluate_qa, generate, score_answers
 
 RECALL = "Recall what you know."
@@ -88,9 +87,8 @@ def lora_update(lm: nn.Module, data, examples: Sequence[Example], steps: int, lr
     batch = {k: v.to(device) for k, v in batch.items()}
     lm.train()
     for _ in range(steps):
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
-                               ignore_index=-100)
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = causal_lm_loss(logits, batch["labels"])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_modules.instruction_sft import InstructionSFT
-from models.lm_factory import DEFAULT_CACHE, TINY_ARCHITECTURES, merged_state_dict
+from lightning_modules.sft import CausalLMSFT
+from models.lm_factory import DEFAULT_CACHE, TINY_ARCHITECTURES, LMSettings, LoraSettings, merged_state_dict
 
 SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,17 +26,12 @@ SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class TrialSettings:
     """The model every trial fine-tunes and how long a trial runs."""
 
-    model_name: str = "tiny-llama"
-    """``tiny-llama`` / ``tiny-smollm3`` (offline), a hub name or a local folder."""
-    hidden_size: int = 64
-    """Width of a tiny model."""
-    num_layers: int = 2
-    """Decoder layers of a tiny model."""
-    num_heads: int = 4
-    """Attention heads of a tiny model."""
-    lora_target_modules: list[str] | str = field(default_factory=lambda: list(SEED_TARGETS))
-    """Modules that get a LoRA adapter: the attention and MLP projections of a Llama-style model (as in the
-    original); ``auto`` = the attention projections of any architecture."""
+    lm: LMSettings = field(default_factory=lambda: LMSettings(
+        hidden_size=64, lora=LoraSettings(target_modules=list(SEED_TARGETS))))
+    """The model every trial adapts: a tiny model, a hub name or a local folder, 4-bit or not. Its ``lora`` names the
+    modules that get an adapter (the attention and MLP projections of a Llama-style model, as in the original;
+    ``auto`` = the attention projections of any architecture); each trial sets the adapter's rank, alpha and
+    dropout."""
     max_steps: int = 60
     """Cap on optimiser steps per trial (-1: none), so a trial takes seconds; ``epochs`` still matters when an
     epoch is shorter than the cap (large batches)."""
@@ -56,14 +51,12 @@ class TrialSettings:
     """Folder of pre-trained base models (``null``: ``~/.cache/experiential-agents/tuning_base``)."""
     seed: int = 0
     """Seed of every trial (the same seed for every configuration, so configurations are compared fairly)."""
-    load_in_4bit: bool = False
-    """Quantise the base model to 4-bit NF4 (bitsandbytes)."""
-    trust_remote_code: bool = False
-    """Let a hub model run code shipped with it (off unless you opt in)."""
 
     def __post_init__(self) -> None:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or >= 1, got {self.max_steps}")
+        if self.lm.lora is None:
+            raise ValueError("trial.lm.lora must name the adapter's target modules: every trial trains a LoRA")
         if self.pretrain_steps < 0 or self.pretrain_lr <= 0 or (self.threads is not None and self.threads < 1):
             raise ValueError("pretrain_steps must be >= 0, pretrain_lr > 0 and threads >= 1")
 
@@ -80,7 +73,7 @@ def _trainer(settings: TrialSettings, **kwargs) -> Trainer:
                    num_sanity_val_steps=0, **kwargs)
 
 
-def validate(module: InstructionSFT, data, settings: TrialSettings) -> dict[str, float]:
+def validate(module: CausalLMSFT, data, settings: TrialSettings) -> dict[str, float]:
     """``val_loss`` (token-weighted mean over response tokens) and ``val_ppl`` of ``module`` on ``data``."""
     metrics = _trainer(settings).validate(module, datamodule=data, verbose=False)[0]
     return {"val_loss": float(metrics["val/loss"]), "val_ppl": float(metrics["val/ppl"])}
@@ -89,11 +82,12 @@ def validate(module: InstructionSFT, data, settings: TrialSettings) -> dict[str,
 def pretrained_base(data, settings: TrialSettings) -> str | None:
     """Path of the pre-trained base checkpoint (``{"merged_lm": ...}``), trained once and cached by a hash of
     the text and settings; ``None`` when ``pretrain_steps`` is 0."""
-    if settings.pretrain_steps == 0 or settings.model_name not in TINY_ARCHITECTURES:
+    lm = settings.lm
+    if settings.pretrain_steps == 0 or lm.model_name not in TINY_ARCHITECTURES:
         return None  # a hub model or local folder is already pre-trained
     texts = data.pretraining_texts()
-    key = [texts, len(data.tokenizer), settings.model_name, settings.hidden_size, settings.num_layers,
-           settings.num_heads, settings.pretrain_steps, settings.pretrain_lr, settings.seed]
+    key = [texts, len(data.tokenizer), lm.model_name, lm.hidden_size, lm.num_layers, lm.num_heads,
+           settings.pretrain_steps, settings.pretrain_lr, settings.seed]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     folder = Path(os.path.expanduser(settings.cache_dir or os.path.join(DEFAULT_CACHE, "tuning_base")))
     path = folder / f"{digest}.ckpt"
@@ -101,9 +95,8 @@ def pretrained_base(data, settings: TrialSettings) -> str | None:
         return str(path)
     quiet_lightning()
     seed_everything(settings.seed, verbose=False)
-    module = InstructionSFT(model_name=settings.model_name, hidden_size=settings.hidden_size,
-                            num_layers=settings.num_layers, num_heads=settings.num_heads, lora_r=None,
-                            optimizer=partial(torch.optim.AdamW, lr=settings.pretrain_lr), warmup_ratio=0.05)
+    module = CausalLMSFT(lm=replace(lm, lora=None, load_in_4bit=False), lr_decay="linear", warmup_ratio=0.05,
+                         optimizer=partial(torch.optim.AdamW, lr=settings.pretrain_lr))
     module.build(data.tokenizer)
     trainer = _trainer(settings, max_steps=settings.pretrain_steps, max_epochs=-1, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=data.text_loader(texts, 16))
@@ -114,7 +107,7 @@ def pretrained_base(data, settings: TrialSettings) -> str | None:
     return str(path)
 
 
-def run_trial(hparams: dict[str, Any], data, settings: TrialSettings) -> tuple[InstructionSFT, dict[str, float]]:
+def run_trial(hparams: dict[str, Any], data, settings: TrialSettings) -> tuple[CausalLMSFT, dict[str, float]]:
     """Fit a fresh LoRA with ``hparams`` and return the module and its validation metrics."""
     quiet_lightning()
     if settings.threads:
@@ -122,14 +115,12 @@ def run_trial(hparams: dict[str, Any], data, settings: TrialSettings) -> tuple[I
     init_from = pretrained_base(data, settings)
     seed_everything(settings.seed, verbose=False)
     data.batch_size = int(hparams["batch_size"])
-    module = InstructionSFT(
-        model_name=settings.model_name, init_from=init_from, hidden_size=settings.hidden_size,
-        num_layers=settings.num_layers, num_heads=settings.num_heads, lora_r=int(hparams["lora_r"]),
-        lora_alpha=float(hparams["lora_alpha"]),
-        lora_dropout=float(hparams["lora_dropout"]), lora_target_modules=settings.lora_target_modules,
-        load_in_4bit=settings.load_in_4bit, trust_remote_code=settings.trust_remote_code,
-        optimizer=partial(torch.optim.AdamW, lr=float(hparams["lr"])), warmup_ratio=float(hparams["warmup_ratio"]),
-    )
+    lora = replace(settings.lm.lora, r=int(hparams["lora_r"]), alpha=float(hparams["lora_alpha"]),
+                   dropout=float(hparams["lora_dropout"]))
+    # Linear warmup then linear decay: a trial's warmup_ratio means what it means in transformers.Trainer.
+    module = CausalLMSFT(lm=replace(settings.lm, lora=lora), init_from=init_from, lr_decay="linear",
+                         warmup_ratio=float(hparams["warmup_ratio"]),
+                         optimizer=partial(torch.optim.AdamW, lr=float(hparams["lr"])))
     started = time.perf_counter()
     trainer = _trainer(settings, max_epochs=int(hparams["epochs"]), max_steps=settings.max_steps,
                        limit_val_batches=0)

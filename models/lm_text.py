@@ -1,0 +1,151 @@
+"""Text in and out of a causal LM, for every LM system: prompt encoding, padding with attention masks, causal-LM
+batches and loss, and batched generation with a KV cache.
+
+Conventions: a prompt is ``<bos>`` + its tokens; a completion ends with ``<eos>``; training batches are
+right-padded with ``labels = -100`` where no loss is taken; generation batches are left-padded so every row's
+next token is at the last column.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+IGNORE_INDEX = -100  # label of a position that takes no loss (``F.cross_entropy``'s default ignore_index)
+
+
+# --- encoding ---------------------------------------------------------------------------------------------------
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """``<bos>`` (when the tokenizer has one) + each prompt's tokens, in one tokenizer call."""
+    rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    return [[tokenizer.bos_token_id, *ids] for ids in rows] if tokenizer.bos_token_id is not None else rows
+
+
+# --- padding ----------------------------------------------------------------------------------------------------
+def pad(sequences: Sequence[Sequence[int]], value: int, left: bool = False) -> Tensor:
+    """``[B, max_len]`` long tensor of ``sequences`` padded with ``value`` on the right (or the left)."""
+    rows = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
+    return pad_sequence(rows, batch_first=True, padding_value=value, padding_side="left" if left else "right")
+
+
+def pad_with_mask(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[Tensor, Tensor]:
+    """Padded token ids and their attention mask (1 on real tokens)."""
+    return pad(sequences, pad_id, left), pad([[1] * len(s) for s in sequences], 0, left)
+
+
+def lm_batch(prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int,
+             completion_only: bool) -> dict[str, Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` (``-100`` on padding, and on prompts when
+    ``completion_only``)."""
+    ids = [p + c for p, c in zip(prompts, completions)]
+    labels = [([IGNORE_INDEX] * len(p) if completion_only else p) + c for p, c in zip(prompts, completions)]
+    input_ids, attention_mask = pad_with_mask(ids, pad_id)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(labels, IGNORE_INDEX)}
+
+
+# --- loss -------------------------------------------------------------------------------------------------------
+def causal_lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of each position's logits against the next label (``-100`` labels take no loss), as
+    ``model(..., labels=labels).loss`` computes it; ``reduction="sum"`` for token-weighted sums."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+
+
+def completion_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """:func:`causal_lm_loss` of ``model`` with the output layer run only on the positions that predict a labelled
+    token (a few per row for a short completion): the same loss and gradients, less compute."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    targets = labels[:, 1:]
+    predicting = targets != IGNORE_INDEX
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
+    return F.cross_entropy(logits.float(), targets[predicting])
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+def position_ids(mask: Tensor) -> Tensor:
+    """Positions that skip left padding: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """``cache`` (transformers >= 5) or ``past_key_values`` (older), whichever the model's forward takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _cache_of(out) -> object:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+@torch.no_grad()
+def sample(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Continue left-padded prompts ``[B, P]``; returns ``(tokens, mask)`` ``[B, R]``.
+
+    Tokens are drawn from ``softmax(logits / temperature)`` with no top-k / top-p truncation, so the log-probs
+    that PPO recomputes with the same temperature are those of the sampling distribution. ``mask`` marks the tokens
+    up to and including each row's ``<eos>``; later positions hold ``pad_token_id``.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = prompt_mask.long()
+    cache_arg = _cache_argument(model)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    tokens, valid = [], []
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        if greedy:
+            token = logits.argmax(-1)
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        valid.append(~finished)
+        tokens.append(token)
+        finished = finished | (token == eos_token_id)
+        if finished.all():
+            break
+        mask = torch.cat([mask, valid[-1].long().unsqueeze(1)], dim=1)
+        out = model(
+            input_ids=token.unsqueeze(1),
+            attention_mask=mask,
+            position_ids=(mask.sum(-1, keepdim=True) - 1),
+            use_cache=True,
+            **{cache_arg: _cache_of(out)},
+        )
+    return torch.stack(tokens, 1), torch.stack(valid, 1)
+
+
+@torch.no_grad()
+def greedy_texts(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id ``prompts`` (batched, left-padded), decoded up to ``<eos>``, in eval mode
+    (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = pad_with_mask(prompts[start : start + batch_size], tokenizer.pad_token_id, left=True)
+        tokens, valid = sample(model, ids.to(device), mask.to(device), max_new_tokens, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, greedy=True)
+        texts += [tokenizer.decode(t[v], skip_special_tokens=True) for t, v in zip(tokens, valid)]
+    model.train(was_training)
+    return texts
