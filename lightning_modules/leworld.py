@@ -369,7 +369,7 @@ class LeWorldPhase2(_SystemModule):
         lambda_entropy: float = 0.01,
         temp_anneal_rate: float = 3e-5,
         temp_min: float = 0.1,
-        restart_steps: int = 100,
+        restart_steps: int = 50,
         info: InfoMode = "always",
         horizons: int = 4,
         max_grad_norm: float | None = 1.0,

@@ -65,7 +65,7 @@ class ArtificialMemory(nn.Module):
     prefix sum over the memory, so the mean of a range costs O(1) whatever its length.
     """
 
-    def __init__(self, num_words: int = 65536, word_size: int = 32, max_read_range: int = 256, d_read: int = 64):
+    def __init__(self, num_words: int = 4096, word_size: int = 32, max_read_range: int = 32, d_read: int = 32) -> None:
         """
         Args:
             num_words: Words in memory (a power of two).
@@ -213,14 +213,26 @@ class SmallLeWorldModel(nn.Module):
         self,
         state_dim: int = 64,
         char_dim: int = 32,
-        d_model: int = 128,
-        num_layers: int = 2,
+        d_model: int = 64,
+        num_layers: int = 1,
         num_heads: int = 4,
-        hi_size: int = 256,
-        lo_size: int = 256,
-        max_read_range: int = 256,
+        hi_size: int = 64,
+        lo_size: int = 64,
+        max_read_range: int = 32,
         dropout: float = 0.0,
     ) -> None:
+        """
+        Args:
+            state_dim: Size of a state.
+            char_dim: Size of the characteristics vector.
+            d_model: Transformer width.
+            num_layers: Transformer layers.
+            num_heads: Attention heads.
+            hi_size: Classes of the high address byte.
+            lo_size: Classes of the low address byte (``hi_size * lo_size`` memory words).
+            max_read_range: Classes of the range-length head (longest read).
+            dropout: Transformer dropout.
+        """
         super().__init__()
         self.hi_size, self.lo_size, self.max_read_range = hi_size, lo_size, max_read_range
         self.num_words = hi_size * lo_size
@@ -283,6 +295,12 @@ class Router(nn.Module):
     """
 
     def __init__(self, d_in: int, d_hidden: int, t0: float = 1.0) -> None:
+        """
+        Args:
+            d_in: Size of a slot's routing features.
+            d_hidden: Hidden width of the gate MLP.
+            t0: Initial temperature.
+        """
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, 1))
         nn.init.constant_(self.net[-1].bias, 1.0)  # start with every SLM on
@@ -313,15 +331,27 @@ class BigLeWorldModel(nn.Module):
     def __init__(
         self,
         state_dim: int = 64,
-        num_slots: int = 3,
-        slot_hidden: int = 128,
-        d_read: int = 64,
-        d_model: int = 384,
-        num_layers: int = 6,
-        num_heads: int = 6,
-        info_dim: int = 128,
+        num_slots: int = 0,
+        slot_hidden: int = 64,
+        d_read: int = 32,
+        d_model: int = 96,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        info_dim: int = 32,
         dropout: float = 0.0,
     ) -> None:
+        """
+        Args:
+            state_dim: Size of a state.
+            num_slots: Memory slots (one per SLM; 0: the no-memory BLM).
+            slot_hidden: Size of the SLM hidden state in a slot token.
+            d_read: Size of the encoded read in a slot token.
+            d_model: Transformer width.
+            num_layers: Transformer layers.
+            num_heads: Attention heads.
+            info_dim: Size of the info query.
+            dropout: Transformer dropout.
+        """
         super().__init__()
         self.num_slots, self.slot_hidden, self.info_dim = num_slots, slot_hidden, info_dim
         self.past_in = nn.Linear(state_dim, d_model)
@@ -404,17 +434,17 @@ class LeWorldSystem(nn.Module):
         state_dim: int = 64,
         char_dim: int = 32,
         num_slms: int = 3,
-        num_words: int = 65536,
+        num_words: int = 4096,
         word_size: int = 32,
-        max_read_range: int = 256,
-        d_read: int = 64,
-        slm_d_model: int = 128,
-        slm_layers: int = 2,
+        max_read_range: int = 32,
+        d_read: int = 32,
+        slm_d_model: int = 64,
+        slm_layers: int = 1,
         slm_heads: int = 4,
-        blm_d_model: int = 384,
-        blm_layers: int = 6,
-        blm_heads: int = 6,
-        info_dim: int = 128,
+        blm_d_model: int = 96,
+        blm_layers: int = 2,
+        blm_heads: int = 4,
+        info_dim: int = 32,
         straight_through_reads: bool = True,
         blm_sees_slm_hidden: bool = True,
     ) -> None:
