@@ -66,7 +66,8 @@ def test_default_optimizer_is_the_base_configs():
     assert defaults(LeWorldPhase1)["optimizer"] is torch.optim.AdamW
     assert optimizer["class_path"] == "torch.optim.AdamW"
     adamw = defaults(torch.optim.AdamW)
-    assert {k: optimizer["init_args"][k] for k in ("lr", "weight_decay")} == {k: adamw[k] for k in ("lr", "weight_decay")}
+    for key in ("lr", "weight_decay"):
+        assert optimizer["init_args"][key] == adamw[key], key
 
 
 def test_default_slm_is_the_one_the_default_system_builds():
