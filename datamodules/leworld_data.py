@@ -257,8 +257,8 @@ class LeWorldDataModule(LightningDataModule):
 
     Each batch is a dict: ``states [B, T, state_dim]``, ``chars [B, char_dim]``, ``starts``/``ends [B, T, 3]``
     (the relevant range of each slot at each step; step ``t`` drives ``t -> t + 1``) and ``valid [B, 3]``
-    (which slots are relevant). The LightningModule copies :meth:`memory_bits_for` the split it runs into its
-    model's memory.
+    (which slots are relevant). Implements ``lightning_modules.leworld.LeWorldData`` (``task`` and
+    :meth:`memory_bits_for`): the LightningModule copies the memory of the split it runs into its model's memory.
     No state needs saving for a resume: the training order is a function of (seed, epoch).
     """
 

@@ -135,7 +135,7 @@ class LeWorldPhase2(SystemModule):
         """
         Args:
             system: The LeWorld system.
-            optimizer: Optimiser factory (the seed: AdamW, lr 3e-4, weight decay 0.01).
+            optimizer: Optimiser factory (default AdamW, lr 1e-3 as Phase 1; phase2.yaml sets the seed's lr 3e-4).
             init_from: Phase 1 checkpoint (``null``: fresh weights, the "without Phase 1" ablation).
             lambda_balance: Weight of the routing balance loss (CV^2 of per-SLM usage).
             lambda_diversity: Weight of the address diversity loss (chance two SLMs pick the same start).
