@@ -1,6 +1,6 @@
 """Benchmark of LeWorld: the two baselines and the three phases on 3 seeds, ablations, and batched vs per-sample speed.
 
-    python bench/leworld.py [--seeds 0 1 2] [--ablation-seeds 0] [--jobs 1] [--out bench/results]
+    python bench/leworld.py [--seeds 0 1 2] [--ablation-seeds 0] [--jobs 1] [--threads 0] [--out bench/results]
 
 For each seed (``seed_everything`` and the task seed): the no-memory and oracle baselines, then Phase 1 -> Phase 2
 -> Phase 3, each phase starting from the previous one's checkpoint, all with the default CPU configs
@@ -13,7 +13,8 @@ Speed, in the same run: reading 4,096 ranges from the 65,536 x 32 memory with pr
 time, and one Phase 2 training step (batch 64, default CPU sizes) with batched reads vs per-sample reads (hard and
 soft paths looped over samples, as the seed did).
 
-Writes ``<out>/leworld.json`` and ``docs/figures/leworld_horizon_mse.png``; the last line printed is
+Each seed runs in its own process (``--jobs`` at a time, ``bench/cli_runs.py``). Writes ``<out>/leworld.json`` (with
+the git commit and library versions) and ``docs/figures/leworld_horizon_mse.png``; the last line printed is
 ``leworld: gap_closed=<mean over seeds> hit_rate=<mean test hit rate> read_speedup=<x> step_speedup=<x>``.
 """
 
@@ -28,53 +29,36 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import torch  # noqa: E402
+from cli_runs import in_processes, provenance, run_phase  # noqa: E402
+
 from datamodules.leworld_data import LeWorldDataModule  # noqa: E402
-from experiment.cli import main  # noqa: E402
 from lightning_modules.leworld import LeWorldPhase2  # noqa: E402
+from lightning_modules.leworld_losses import sequence_losses  # noqa: E402
 from models.leworld import ArtificialMemory, LeWorldSystem  # noqa: E402
 
 CONFIGS = REPO / "configs" / "leworld"
 HORIZONS = 4
+LIBRARIES = ("torch", "lightning", "torchmetrics")  # recorded with the results (LeWorld uses no transformers)
 
 
 def fit_and_test(config: str, seed: int, folder: str, init_from: str | None = None, extra: list[str] = ()) -> dict:
     """Fit one config (checkpoint into ``folder``), test the final weights; returns test metrics and time."""
-    args = [
-        "fit",
-        "--config",
-        str(CONFIGS / config),
-        "--seed_everything",
-        str(seed),
-        "--data.init_args.seed",
-        str(seed),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        "--trainer.default_root_dir",
-        folder,
-        "--trainer.callbacks.init_args.dirpath",
-        folder,
-        *extra,
-    ]
+    overrides = ["--data.init_args.seed", str(seed), "--trainer.enable_model_summary", "false"]
+    overrides += ["--trainer.callbacks.init_args.dirpath", folder, *extra]
     if init_from is not None:
-        args += ["--model.init_args.init_from", init_from]
-    start = time.perf_counter()
-    run = main(args)
-    seconds = time.perf_counter() - start
-    run.trainer.test(run.model, datamodule=run.datamodule, verbose=False)
-    metrics = {k: float(v) for k, v in run.trainer.callback_metrics.items() if k.startswith("test/")}
+        overrides += ["--model.init_args.init_from", init_from]
+    run, metrics, seconds = run_phase(str(CONFIGS / config), seed, folder, *overrides)
     checkpoint = run.trainer.checkpoint_callback.best_model_path or run.trainer.checkpoint_callback.last_model_path
     return {"seconds": seconds, "steps": run.trainer.global_step, "test": metrics, "checkpoint": checkpoint}
 
 
-def run_seed(seed: int, ablations: bool) -> dict:
+def run_seed(seed: int, ablations: bool) -> tuple[int, dict]:
+    """Every run of one seed (ablations too if ``ablations``), each tested, and its gap closed."""
     with tempfile.TemporaryDirectory() as folder:
         out = {name: fit_and_test(f"{name}.yaml", seed, f"{folder}/{name}") for name in ("no_memory", "oracle")}
         out["phase1"] = fit_and_test("phase1.yaml", seed, f"{folder}/p1")
@@ -90,7 +74,7 @@ def run_seed(seed: int, ablations: bool) -> dict:
     nm, orc = out["no_memory"]["test"]["test/mse"], out["oracle"]["test"]["test/mse"]
     for run in out.values():
         run["gap_closed"] = (nm - run["test"]["test/mse"]) / (nm - orc)
-    return out
+    return seed, out
 
 
 def bayes_no_memory_mse(seed: int) -> float:
@@ -130,32 +114,21 @@ def read_speed(num_ranges: int = 4096, repeats: int = 3) -> dict:
 
 def step_speed(repeats: int = 3) -> dict:
     """Seconds of one Phase 2 training step (forward, backward, AdamW) with batched vs per-sample reads."""
-    data = LeWorldDataModule(seq_len=8, train_sequences=64, difficulty="medium", num_pages=16)
+    data = LeWorldDataModule(train_sequences=64)  # the default CPU task and, below, model sizes
     batch = data.split("train")
-    sizes = dict(
-        num_words=4096,
-        max_read_range=32,
-        d_read=32,
-        slm_d_model=64,
-        slm_layers=1,
-        slm_heads=4,
-        blm_d_model=96,
-        blm_layers=2,
-        blm_heads=4,
-        info_dim=32,
-    )
     result = {}
     for impl in ("batched", "loop"):
         torch.manual_seed(0)
-        module = LeWorldPhase2(LeWorldSystem(**sizes))
+        module = LeWorldPhase2(LeWorldSystem())
         module.system.memory.load_bits(data.memory_bits)
         module.system.read_impl = impl
         optimizer = torch.optim.AdamW(module.parameters(), lr=3e-4)
 
         def step(module=module, optimizer=optimizer):
-            out = module.system.multi_step_forward(batch["states"], batch["chars"], weights={"balance": 0.01})
+            out = module.system.multi_step_forward(batch["states"], batch["chars"])
+            _, loss = sequence_losses(out["steps"], batch["states"], {"balance": 0.01})
             optimizer.zero_grad()
-            out["total_loss"].backward()
+            loss.backward()
             optimizer.step()
 
         step()  # warm-up
@@ -192,47 +165,13 @@ def plot_horizons(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_parallel(args) -> dict:
-    """Each seed in its own process (``--runs-only``), ``args.jobs`` at a time; their JSON files are merged."""
-    import subprocess
-
-    pending, running, results = list(args.seeds), [], {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            seed = pending.pop(0)
-            out = args.out / f"leworld_seed{seed}"
-            command = [
-                sys.executable,
-                __file__,
-                "--runs-only",
-                "--seeds",
-                str(seed),
-                "--out",
-                str(out),
-                "--ablation-seeds",
-                *[str(s) for s in args.ablation_seeds if s == seed],
-            ]
-            log = open(args.out / f"leworld_seed{seed}.log", "w")
-            running.append((seed, out, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(5)
-        for item in list(running):
-            seed, out, process, log = item
-            if process.poll() is not None:
-                log.close()
-                running.remove(item)
-                if process.returncode != 0:
-                    raise RuntimeError(f"seed {seed} failed: see {args.out / f'leworld_seed{seed}.log'}")
-                results[seed] = json.loads((out / "leworld.json").read_text())["runs"][str(seed)]
-    return dict(sorted(results.items()))
-
-
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel (one process each)")
-    parser.add_argument("--runs-only", action="store_true", help=argparse.SUPPRESS)  # a worker of --jobs
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: all cores / jobs)")
     parser.add_argument("--from-json", type=Path, help="reuse the runs of an earlier leworld.json (re-measure speed)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -240,15 +179,13 @@ def main_bench() -> None:
     results = {}
     if args.from_json is not None:
         results = {int(k): v for k, v in json.loads(args.from_json.read_text())["runs"].items()}
-    elif args.jobs > 1:
-        results = run_parallel(args)
     else:
-        for seed in args.seeds:
-            results[seed] = run_seed(seed, seed in args.ablation_seeds)
-            partial = {"runs": results}
+        calls = [(seed, seed in args.ablation_seeds) for seed in args.seeds]
+        for seed, runs in in_processes(run_seed, calls, args.jobs, args.threads):
+            results[seed] = runs
+            partial = {"provenance": provenance(LIBRARIES), "runs": dict(sorted(results.items()))}
             (args.out / "leworld.json").write_text(json.dumps(partial, indent=2))  # partial results stay on disk
-    if args.runs_only:
-        return
+        results = dict(sorted(results.items()))
     for seed, runs in results.items():
         bayes = bayes_no_memory_mse(seed)
         for run in runs.values():
@@ -258,7 +195,8 @@ def main_bench() -> None:
             )
     reads, steps = read_speed(), step_speed()
     summary = {"read": reads, "step": steps}
-    (args.out / "leworld.json").write_text(json.dumps({"runs": results, "speed": summary}, indent=2))
+    record = {"provenance": provenance(LIBRARIES), "runs": results, "speed": summary}
+    (args.out / "leworld.json").write_text(json.dumps(record, indent=2))
     plot_horizons(results, REPO / "docs" / "figures" / "leworld_horizon_mse.png")
 
     cols = ["mse", "mae", "hit_rate", "routing_entropy", *[f"mse/h{h}" for h in range(1, HORIZONS + 1)]]

@@ -257,8 +257,8 @@ class LeWorldDataModule(LightningDataModule):
 
     Each batch is a dict: ``states [B, T, state_dim]``, ``chars [B, char_dim]``, ``starts``/``ends [B, T, 3]``
     (the relevant range of each slot at each step; step ``t`` drives ``t -> t + 1``) and ``valid [B, 3]``
-    (which slots are relevant). The LightningModule copies :meth:`memory_bits_for` the split it runs into its
-    model's memory.
+    (which slots are relevant). Implements ``lightning_modules.leworld.LeWorldData`` (``task`` and
+    :meth:`memory_bits_for`): the LightningModule copies the memory of the split it runs into its model's memory.
     No state needs saving for a resume: the training order is a function of (seed, epoch).
     """
 
@@ -269,16 +269,16 @@ class LeWorldDataModule(LightningDataModule):
         state_dim: int = 64,
         char_dim: int = 32,
         num_pages: int = 16,
-        seq_len: int = 20,
-        difficulty: Difficulty = "easy",
+        seq_len: int = 8,
+        difficulty: Difficulty = "medium",
         population: Population = "structured",
         decay: float = 0.8,
         noise_std: float = 0.1,
         cell_words: int = 8,
         flip_prob: float = 0.1,
-        train_sequences: int = 8192,
-        val_sequences: int = 1024,
-        test_sequences: int = 2048,
+        train_sequences: int = 4096,
+        val_sequences: int = 512,
+        test_sequences: int = 1024,
         batch_size: int = 64,
         eval_batch_size: int = 512,
         eval_memory: Literal["fresh", "same"] = "fresh",

@@ -27,11 +27,6 @@ from torch import Tensor, nn
 InfoMode = Literal["always", "never", "sample", "greedy"]
 
 
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of ``module`` (only those with ``requires_grad`` if ``trainable_only``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def address_split(num_words: int) -> tuple[int, int]:
     """``(hi_size, lo_size)`` with ``hi_size * lo_size == num_words``; ``num_words`` must be a power of two."""
     if num_words < 4 or num_words & (num_words - 1):
@@ -65,7 +60,7 @@ class ArtificialMemory(nn.Module):
     prefix sum over the memory, so the mean of a range costs O(1) whatever its length.
     """
 
-    def __init__(self, num_words: int = 65536, word_size: int = 32, max_read_range: int = 256, d_read: int = 64):
+    def __init__(self, num_words: int = 4096, word_size: int = 32, max_read_range: int = 32, d_read: int = 32) -> None:
         """
         Args:
             num_words: Words in memory (a power of two).
@@ -179,11 +174,6 @@ class ArtificialMemory(nn.Module):
         means = prefix_range_mean(self.prefix, starts.long().unsqueeze(-1).expand_as(ends), ends)  # [B, R, W]
         return torch.einsum("br,brw->bw", length_probs.to(means.dtype), means)
 
-    def soft_read_all(self, query: Tensor, keys: Tensor | None = None) -> Tensor:
-        """Attention over every word: ``softmax(query @ keys^T) @ bits`` (``keys`` default: the bits in [-1, 1])."""
-        words = 2 * self.bits - 1 if keys is None else keys
-        return torch.softmax(query @ words.T / math.sqrt(self.word_size), -1) @ self.bits
-
     # --- writes -----------------------------------------------------------------------------------------------
     def write(self, starts: Tensor, values: Tensor) -> Tensor:
         """Write one word per row: ``values [B, d_read]`` -> bit probabilities -> bits stored at ``starts [B]``.
@@ -213,14 +203,26 @@ class SmallLeWorldModel(nn.Module):
         self,
         state_dim: int = 64,
         char_dim: int = 32,
-        d_model: int = 128,
-        num_layers: int = 2,
+        d_model: int = 64,
+        num_layers: int = 1,
         num_heads: int = 4,
-        hi_size: int = 256,
-        lo_size: int = 256,
-        max_read_range: int = 256,
+        hi_size: int = 64,
+        lo_size: int = 64,
+        max_read_range: int = 32,
         dropout: float = 0.0,
     ) -> None:
+        """
+        Args:
+            state_dim: Size of a state.
+            char_dim: Size of the characteristics vector.
+            d_model: Transformer width.
+            num_layers: Transformer layers.
+            num_heads: Attention heads.
+            hi_size: Classes of the high address byte.
+            lo_size: Classes of the low address byte (``hi_size * lo_size`` memory words).
+            max_read_range: Classes of the range-length head (longest read).
+            dropout: Transformer dropout.
+        """
         super().__init__()
         self.hi_size, self.lo_size, self.max_read_range = hi_size, lo_size, max_read_range
         self.num_words = hi_size * lo_size
@@ -283,6 +285,12 @@ class Router(nn.Module):
     """
 
     def __init__(self, d_in: int, d_hidden: int, t0: float = 1.0) -> None:
+        """
+        Args:
+            d_in: Size of a slot's routing features.
+            d_hidden: Hidden width of the gate MLP.
+            t0: Initial temperature.
+        """
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, 1))
         nn.init.constant_(self.net[-1].bias, 1.0)  # start with every SLM on
@@ -313,15 +321,27 @@ class BigLeWorldModel(nn.Module):
     def __init__(
         self,
         state_dim: int = 64,
-        num_slots: int = 3,
-        slot_hidden: int = 128,
-        d_read: int = 64,
-        d_model: int = 384,
-        num_layers: int = 6,
-        num_heads: int = 6,
-        info_dim: int = 128,
+        num_slots: int = 0,
+        slot_hidden: int = 64,
+        d_read: int = 32,
+        d_model: int = 96,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        info_dim: int = 32,
         dropout: float = 0.0,
     ) -> None:
+        """
+        Args:
+            state_dim: Size of a state.
+            num_slots: Memory slots (one per SLM; 0: the no-memory BLM).
+            slot_hidden: Size of the SLM hidden state in a slot token.
+            d_read: Size of the encoded read in a slot token.
+            d_model: Transformer width.
+            num_layers: Transformer layers.
+            num_heads: Attention heads.
+            info_dim: Size of the info query.
+            dropout: Transformer dropout.
+        """
         super().__init__()
         self.num_slots, self.slot_hidden, self.info_dim = num_slots, slot_hidden, info_dim
         self.past_in = nn.Linear(state_dim, d_model)
@@ -355,6 +375,11 @@ class BigLeWorldModel(nn.Module):
         position = torch.stack([starts.float() / num_words, lengths.float() / max_read_range, confidence], -1)
         return torch.cat([hidden, reads, position.to(reads.dtype)], -1)
 
+    def route(self, past: Tensor, current: Tensor, router_slots: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The router's ``(mask, probs, logits)`` ``[B, M]`` from the states and each slot's features."""
+        features = torch.cat([past, current], -1).unsqueeze(1).expand(-1, router_slots.shape[1], -1)
+        return self.router(torch.cat([features, router_slots], -1))
+
     def forward(
         self,
         past: Tensor,
@@ -372,9 +397,7 @@ class BigLeWorldModel(nn.Module):
             if slots is None:
                 raise ValueError("this BLM has memory slots: pass `slots`")
             if mask is None:
-                features = torch.cat([past, current], -1).unsqueeze(1).expand(-1, slots.shape[1], -1)
-                routed = slots if router_slots is None else router_slots
-                mask, probs, logits = self.router(torch.cat([features, routed], -1))
+                mask, probs, logits = self.route(past, current, slots if router_slots is None else router_slots)
                 out |= {"route_probs": probs, "route_logits": logits}
             out["mask"] = mask
             slot_tokens = self.slot_in(slots) * mask.unsqueeze(-1)
@@ -404,17 +427,17 @@ class LeWorldSystem(nn.Module):
         state_dim: int = 64,
         char_dim: int = 32,
         num_slms: int = 3,
-        num_words: int = 65536,
+        num_words: int = 4096,
         word_size: int = 32,
-        max_read_range: int = 256,
-        d_read: int = 64,
-        slm_d_model: int = 128,
-        slm_layers: int = 2,
+        max_read_range: int = 32,
+        d_read: int = 32,
+        slm_d_model: int = 64,
+        slm_layers: int = 1,
         slm_heads: int = 4,
-        blm_d_model: int = 384,
-        blm_layers: int = 6,
-        blm_heads: int = 6,
-        info_dim: int = 128,
+        blm_d_model: int = 96,
+        blm_layers: int = 2,
+        blm_heads: int = 4,
+        info_dim: int = 32,
         straight_through_reads: bool = True,
         blm_sees_slm_hidden: bool = True,
     ) -> None:
@@ -514,6 +537,14 @@ class LeWorldSystem(nn.Module):
         """The SLM hidden states as the BLM sees them (zeros unless ``blm_sees_slm_hidden``)."""
         return hidden if self.blm_sees_slm_hidden else torch.zeros_like(hidden)
 
+    def slot_inputs(
+        self, hidden: Tensor, reads: Tensor, starts: Tensor, ends: Tensor, confidence: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The slot features the BLM sees (hidden states per :meth:`slot_hidden`) and those the router sees (always
+        the SLM hidden states), each ``[B, M, *]``."""
+        args = (reads, starts, ends - starts, confidence, self.memory.num_words, self.memory.max_read_range)
+        return self.blm.slot_features(self.slot_hidden(hidden), *args), self.blm.slot_features(hidden, *args)
+
     def oracle_reads(self, starts: Tensor, ends: Tensor) -> Tensor:
         """Encoded reads of given ranges ``[B, M]`` -> ``[B, M, d_read]``."""
         mean = self.memory.range_mean(starts, ends)
@@ -525,17 +556,15 @@ class LeWorldSystem(nn.Module):
         past: Tensor,
         current: Tensor,
         chars: Tensor,
-        next_state: Tensor | None = None,
         info_query_prev: Tensor | None = None,
         request: Tensor | None = None,
         oracle: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> dict:
         """One step. ``oracle = (starts, ends, valid)`` (each ``[B, M]``) reads the true ranges and routes to the valid
-        slots instead of using the SLMs' ranges and the router. Returns the prediction, routing mask, info query,
-        the SLM outputs and, with ``next_state``, the losses."""
+        slots instead of using the SLMs' ranges and the router. Returns the prediction, routing mask and gate
+        probabilities, info query and request logit, and the SLM outputs (the losses are the training modules')."""
         slm_outs = self._run_slms(past, current, chars, info_query_prev, request)
         stack = {k: torch.stack([o[k] for o in slm_outs], 1) for k in slm_outs[0]}
-        mem = self.memory
         if oracle is None:
             reads = torch.stack([self.read_slot(o) for o in slm_outs], 1)
             starts, ends, mask = stack["start_addr"], stack["end_addr"], None
@@ -544,41 +573,15 @@ class LeWorldSystem(nn.Module):
             starts, ends, valid = oracle
             reads = self.oracle_reads(starts, ends)
             mask, confidence = valid.to(reads.dtype), torch.ones_like(stack["confidence"])
-        args = (reads, starts, ends - starts, confidence, mem.num_words, mem.max_read_range)
-        slots = self.blm.slot_features(self.slot_hidden(stack["hidden"]), *args)
-        router_slots = self.blm.slot_features(stack["hidden"], *args)  # the router always sees the SLM states
+        slots, router_slots = self.slot_inputs(stack["hidden"], reads, starts, ends, confidence)
         blm_out = self.blm(past, current, slots, mask, router_slots)
-        out = {
+        return {
             "prediction": blm_out["next_state"],
             "mask": blm_out["mask"],
             "info_query": blm_out["info_query"],
             "request_logit": blm_out["request_logit"],
             "route_probs": blm_out.get("route_probs"),
             "slm": stack,
-            "losses": {},
-        }
-        if next_state is not None:
-            out["losses"] = self.losses(out, next_state)
-        return out
-
-    def losses(self, out: dict, next_state: Tensor) -> dict[str, Tensor]:
-        """Next-state MSE, routing balance (CV^2 of usage), address diversity (chance two SLMs pick the same start)
-        and routing entropy (mean Bernoulli entropy of the gates)."""
-        probs = out["route_probs"] if out["route_probs"] is not None else out["mask"]
-        usage = probs.float().mean(0)
-        balance = usage.var(unbiased=False) / (usage.mean() ** 2 + 1e-8)
-        p = probs.float().clamp(1e-6, 1 - 1e-6)
-        entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
-        hi = torch.softmax(out["slm"]["start_logits_high"].float(), -1)  # [B, M, H]
-        lo = torch.softmax(out["slm"]["start_logits_low"].float(), -1)
-        same = (hi @ hi.transpose(1, 2)) * (lo @ lo.transpose(1, 2))  # [B, M, M]
-        m = same.shape[-1]
-        diversity = (same.sum((1, 2)) - same.diagonal(dim1=1, dim2=2).sum(-1)).mean() / max(1, m * (m - 1))
-        return {
-            "next_state_loss": F.mse_loss(out["prediction"].float(), next_state.float()),
-            "balance_loss": balance,
-            "diversity_loss": diversity,
-            "entropy_loss": entropy,
         }
 
     # --- a sequence -------------------------------------------------------------------------------------------
@@ -590,7 +593,6 @@ class LeWorldSystem(nn.Module):
         info: InfoMode = "always",
         open_loop: bool = False,
         oracle: tuple[Tensor, Tensor, Tensor] | None = None,
-        weights: dict[str, float] | None = None,
         generator: torch.Generator | None = None,
     ) -> dict:
         """Roll through ``states [B, T, S]``: step ``t`` sees states ``t - 1`` (``t`` at the first step) and ``t`` and
@@ -599,10 +601,10 @@ class LeWorldSystem(nn.Module):
         ``open_loop`` feeds predictions back as the current state (per-horizon error); otherwise the true states are
         the inputs (teacher forcing). ``info``: ``always`` passes the BLM's query to the next step, ``never`` passes
         none, ``sample`` / ``greedy`` pass it when the request gate (a Bernoulli of ``request_logit``) says so.
-        ``oracle = (starts, ends, valid)`` with ``[B, T, M]`` ranges. ``weights`` of the auxiliary losses
-        (``balance``, ``diversity``, ``entropy``) make ``total_loss``.
+        ``oracle = (starts, ends, valid)`` with ``[B, T, M]`` ranges.
         Returns predictions ``[B, n, S]``, masks ``[B, n, M]``, ranges ``[B, n, M]``, per-sample squared error
-        ``[B, n]``, request decisions and their log-probabilities ``[B, n]``, mean losses and ``total_loss``.
+        ``[B, n]``, request decisions and their log-probabilities ``[B, n]``, and ``steps``: each step's output
+        (:meth:`forward`), from which the training modules compute their losses.
         """
         if info not in ("always", "never", "sample", "greedy"):
             raise ValueError(f"unknown info mode {info!r}")
@@ -610,17 +612,15 @@ class LeWorldSystem(nn.Module):
         n = total_steps if n_steps is None else n_steps
         if not 1 <= n <= total_steps:
             raise ValueError(f"n_steps must be in [1, {total_steps}] for sequences of {states.shape[1]} states")
-        weights = weights or {}
         past, current = states[:, 0], states[:, 0]
         query, request = None, None
         keys = ("prediction", "mask", "sq_error", "request", "request_log_prob", "start", "end")
         rec: dict[str, list[Tensor]] = {k: [] for k in keys}
-        loss_sums: dict[str, Tensor] = {}
+        steps = []
         for t in range(n):
             step_oracle = None if oracle is None else (oracle[0][:, t], oracle[1][:, t], oracle[2])
-            out = self(past, current, chars, states[:, t + 1], query if info != "never" else None, request, step_oracle)
-            for k, v in out["losses"].items():
-                loss_sums[k] = loss_sums.get(k, 0.0) + v
+            out = self(past, current, chars, query if info != "never" else None, request, step_oracle)
+            steps.append(out)
             pred = out["prediction"]
             rec["prediction"].append(pred)
             rec["mask"].append(out["mask"])
@@ -644,11 +644,7 @@ class LeWorldSystem(nn.Module):
             past = current
             current = pred if open_loop else states[:, t + 1]
         result = {k: torch.stack(v, 1) for k, v in rec.items()}
-        losses = {k: v / n for k, v in loss_sums.items()}
-        total = losses["next_state_loss"] + sum(
-            weights.get(k.removesuffix("_loss"), 0.0) * v for k, v in losses.items() if k != "next_state_loss"
-        )
-        result.update(losses=losses, total_loss=total, predictions=result["prediction"], masks=result["mask"])
+        result.update(steps=steps, predictions=result["prediction"], masks=result["mask"])
         return result
 
 
