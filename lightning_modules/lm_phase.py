@@ -18,11 +18,11 @@ from dataclasses import asdict
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
+from lightning_modules.guarded import GuardedModule, non_finite_names
 from models.lm_factory import LMSettings, build_causal_lm, merged_state_dict
 
 LRDecay = Literal["constant", "linear", "cosine"]
@@ -40,12 +40,18 @@ def load_phase_checkpoint(path: str) -> dict[str, Any]:
     """An earlier phase's checkpoint (tensors and plain values only: ``weights_only=True``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist (init_from / reward_model_from)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "merged_lm" not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an empty, truncated or foreign file: say which one
+        raise ValueError(f"{path!r} is not a readable checkpoint: {type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict) or "merged_lm" not in checkpoint:
         raise ValueError(
             f"{path!r} has no merged LM weights: it was not written by an LM phase, or its LM was 4-bit "
             "(train the phase that feeds another one without load_in_4bit)"
         )
+    bad = non_finite_names(checkpoint["merged_lm"]) + non_finite_names(checkpoint.get("reward_head", {}))
+    if bad:
+        raise ValueError(f"{path!r} has non-finite weights ({bad[:3]}): refusing to start from it")
     return checkpoint
 
 
@@ -74,7 +80,7 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total
     return SequentialLR(optimizer, [warmup, schedules[decay]()], milestones=[warmup_steps])
 
 
-class LMPhase(LightningModule):
+class LMPhase(GuardedModule):
     """Builds the LM in ``configure_model`` and exports merged weights.
 
     The optimiser sees every parameter that requires a gradient (override ``configure_optimizers`` to narrow it);
@@ -196,5 +202,6 @@ class LMPhase(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if not self.lm_settings.load_in_4bit:
             checkpoint["merged_lm"] = merged_state_dict(self.lm)

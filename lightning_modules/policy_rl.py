@@ -131,6 +131,7 @@ class PolicyRL(LMPhase):
             del checkpoint["state_dict"][key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = self.state_dict()
         for key in state:
             if key.startswith(("reward_model.", "reference.")):
