@@ -254,11 +254,6 @@ class ToolAgentA2C(LightningModule):
         self.log("val/greedy_acc_min", values.pop("val/greedy_acc_min"), prog_bar=True)
         self.log_dict(values)
         self._log_trajectories(self._trajectories)
-        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if fitting and hasattr(datamodule, "update_curriculum"):
-            accuracy = [float(values.get(f"val/greedy_acc/stage_{k}", 0.0)) for k in range(NUM_STAGES)]
-            datamodule.update_curriculum(accuracy)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute("test"))

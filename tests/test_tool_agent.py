@@ -7,7 +7,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.tool_tasks import ToolTaskDataModule
+from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
 from envs.tool_env import context_tokens
 from lightning_modules.tool_agent import ToolAgentA2C
 from models.tool_policy import GRUActorCritic
@@ -17,8 +17,9 @@ def make_agent(**kwargs):
     return ToolAgentA2C(GRUActorCritic(hidden_size=64), optimizer=partial(torch.optim.Adam, lr=1e-3), **kwargs)
 
 
-def make_trainer(max_epochs, **kwargs):
+def make_trainer(max_epochs, callbacks=(), **kwargs):
     return L.Trainer(
+        callbacks=[AdvanceCurriculum(), *callbacks],
         max_epochs=max_epochs,
         accelerator="cpu",
         logger=False,
@@ -110,6 +111,21 @@ def test_threshold_curriculum_advances_and_schedule_follows_epochs():
 def test_bad_datamodule_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ToolTaskDataModule(**kwargs)
+
+
+def test_fit_without_the_curriculum_callback_is_refused():
+    data = ToolTaskDataModule(batch_size=8, batches_per_epoch=1, val_problems_per_stage=8)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)  # no callback
+    with pytest.raises(ValueError, match="AdvanceCurriculum"):
+        trainer.fit(make_agent(), data)
+
+
+def test_curriculum_callback_needs_the_tool_datamodule():
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[AdvanceCurriculum()],
+                        enable_progress_bar=False)
+    loader = torch.utils.data.DataLoader([(torch.zeros(5, dtype=torch.long), torch.tensor(0))], batch_size=None)
+    with pytest.raises(ValueError, match="ToolTaskDataModule"):
+        trainer.fit(make_agent(), train_dataloaders=loader)
 
 
 def test_bad_module_arguments():
