@@ -1,15 +1,25 @@
 """The tool agent's policy, losses, learning, curriculum and checkpoint resume."""
 
+import os
+import socket
 from functools import partial
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
 from envs.tool_env import context_tokens
-from lightning_modules.tool_agent import ToolAgentA2C
+from lightning_modules.tool_agent import (
+    Rollout,
+    ToolAgentA2C,
+    compute_episode_metrics,
+    episode_metrics,
+    update_episode_metrics,
+)
 from models.tool_policy import GRUActorCritic
 
 
@@ -84,6 +94,53 @@ def test_short_training_learns_stage_zero():
     after = agent.rollout(digits[first], stage[first], greedy=True).correct.float().mean()
     assert before < 0.2 and after > 0.9
     assert trainer.callback_metrics["val/greedy_acc/stage_0"] > 0.9
+
+
+def episodes(correct: list[int], lengths: list[int]) -> Rollout:
+    """Evaluated episodes whose reward (1 when correct) comes at their last step."""
+    steps = max(lengths)
+    mask = torch.arange(steps) < torch.tensor(lengths).unsqueeze(1)
+    rewards = torch.zeros(len(correct), steps)
+    rewards[torch.arange(len(correct)), torch.tensor(lengths) - 1] = torch.tensor(correct, dtype=torch.float)
+    zeros = torch.zeros(len(correct), steps)
+    return Rollout(actions=zeros.long(), tokens=zeros.long(), log_probs=zeros, entropies=zeros, values=zeros,
+                   rewards=rewards, mask=mask, correct=torch.tensor(correct, dtype=torch.bool),
+                   answer=torch.zeros(len(correct)))
+
+
+def test_episode_metrics_per_stage_and_overall():
+    metrics = episode_metrics("val")
+    update_episode_metrics(metrics, episodes([1, 0, 1, 1], [3, 8, 4, 5]), torch.tensor([0, 0, 2, 2]))
+    update_episode_metrics(metrics, episodes([0, 1], [8, 3]), torch.tensor([0, 2]))
+    values = {k: round(float(v), 6) for k, v in compute_episode_metrics(metrics).items()}
+    assert values == {"val/greedy_acc/stage_0": 0.333333, "val/greedy_acc/stage_2": 1.0, "val/greedy_acc_min": 0.333333,
+                      "val/reward/stage_0": 0.333333, "val/reward/stage_2": 1.0, "val/reward": 0.666667,
+                      "val/episode_length": 5.166667}  # stage 1 was not evaluated: left out
+    assert compute_episode_metrics(metrics) == {}  # reset after computing
+
+
+def _ranks_compute_metrics(rank: int, port: int, out: dict) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    metrics = episode_metrics("val")
+    # As a DistributedSampler deals the per-stage validation batches: rank 0 sees stages 0 and 2, rank 1 stage 1.
+    if rank == 0:
+        update_episode_metrics(metrics, episodes([1, 1], [3, 3]), torch.tensor([0, 2]))
+    else:
+        update_episode_metrics(metrics, episodes([0, 0], [8, 8]), torch.tensor([1, 1]))
+    out[rank] = {k: float(v) for k, v in compute_episode_metrics(metrics).items()}
+    dist.destroy_process_group()
+
+
+def test_two_processes_compute_every_stage_over_both():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ranks_compute_metrics, args=(port, out), nprocs=2)
+    assert out[0] == out[1]
+    assert {k: out[0][f"val/greedy_acc/stage_{k}"] for k in range(3)} == {0: 1.0, 1: 0.0, 2: 1.0}
+    assert out[0]["val/greedy_acc_min"] == 0.0 and out[0]["val/episode_length"] == 5.5
 
 
 def test_threshold_curriculum_advances_and_schedule_follows_epochs():
