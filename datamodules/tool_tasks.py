@@ -61,7 +61,7 @@ class ToolTaskDataModule(LightningDataModule):
     def __init__(
         self,
         batch_size: int = 256,
-        batches_per_epoch: int = 50,
+        batches_per_epoch: int = 25,
         curriculum: Literal["threshold", "schedule"] = "threshold",
         advance_threshold: float = 0.95,
         schedule: list[int] | None = None,

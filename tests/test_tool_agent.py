@@ -1,5 +1,7 @@
 """The tool agent's policy, losses, learning, curriculum and checkpoint resume."""
 
+import importlib
+import inspect
 import os
 import socket
 from functools import partial
@@ -9,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
@@ -21,6 +24,7 @@ from lightning_modules.tool_agent import (
     update_episode_metrics,
 )
 from models.tool_policy import GRUActorCritic
+from tests.conftest import REPO
 
 
 def make_agent(**kwargs):
@@ -210,3 +214,22 @@ def test_resume_restores_curriculum_and_continues_exactly(tmp_path):
     assert resumed_data.state_dict() == full_data.state_dict()
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _project_class_defaults_differ(spec: dict) -> list[str]:
+    """``init_args`` of a config section (and its nested project classes) that differ from the class's defaults."""
+    module, _, name = spec["class_path"].rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    out = []
+    for key, value in spec.get("init_args", {}).items():
+        if isinstance(value, dict) and "class_path" in value:
+            if not value["class_path"].startswith("torch."):
+                out += _project_class_defaults_differ(value)
+        elif parameters[key].default != value:
+            out.append(f"{name}.{key}: default {parameters[key].default!r}, config {value!r}")
+    return out
+
+
+def test_class_defaults_are_the_default_config():
+    config = yaml.safe_load((REPO / "configs/tool_agent/default.yaml").read_text())
+    assert _project_class_defaults_differ(config["model"]) + _project_class_defaults_differ(config["data"]) == []
