@@ -25,7 +25,7 @@ from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalt
 from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBackend, extract_json
 from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
-from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, clamp_hparams, in_space
+from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space
 from tuning.trial import SEED_TARGETS
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
@@ -84,9 +84,10 @@ class ScriptedBackend:
     name = "scripted"
 
     def __init__(self, replies):
-        self.replies = list(replies)
+        self.replies, self.systems = list(replies), []
 
     def complete(self, system, user):
+        self.systems.append(system)
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):
             raise reply
@@ -143,6 +144,20 @@ def test_clamping_moves_values_into_the_seed_ranges():
     for name, spec in SPACE.items():
         if isinstance(spec, Choice):
             assert clamp_hparams({name: 10_000})[0][name] == max(spec.values)
+
+
+def test_agent_prompts_state_the_search_space_as_it_is(monkeypatch):
+    def prompt(agent):
+        backend = ScriptedBackend([{}])
+        agent.act(Context([], 0), backend)
+        return backend.systems[0]
+
+    assert "lr [1e-05, 0.0005] (log scale)" in prompt(Tuner()) and "lora_r {8, 16, 32}" in prompt(Judge())
+    monkeypatch.setitem(SPACE, "lr", Range(1e-6, 1e-2, log=True))
+    monkeypatch.setitem(SPACE, "epochs", Choice((1, 2, 3)))
+    tuner, seal = prompt(Tuner()), prompt(SealExpert())
+    assert "lr [1e-06, 0.01] (log scale)" in tuner and "0.0005" not in tuner
+    assert "epochs {1, 2, 3}" in tuner and "seal_epochs 1, 2 or 3" in tuner and '"seal_epochs" (1, 2 or 3)' in seal
 
 
 def test_judge_cannot_stop_before_the_minimum_and_stops_on_a_plateau():
