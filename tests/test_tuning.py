@@ -1,6 +1,7 @@
 """The tuning loop: agent schemas under fuzzed output, the HTTP backend against a loopback server, QA scoring,
 SEAL's keep filter, the data, the tune command end to end, and resume after a real kill."""
 
+import inspect
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import optuna
 import pytest
 import torch
+import yaml
 
 from datamodules.instructions import InstructionDataModule, parse_qa_text, qa_text
 from experiment.cli import main
@@ -26,6 +28,7 @@ from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBa
 from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
 from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space
+from tuning.study import StudySettings
 from tuning.trial import SEED_TARGETS
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
@@ -394,6 +397,17 @@ def test_tune_command_rejects_bad_input(args, message, capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), *args])
     assert message in capsys.readouterr().err
+
+
+def test_settings_defaults_are_the_default_config():
+    config = yaml.safe_load((REPO / "configs/tuning/default.yaml").read_text())
+    classes = {"study": StudySettings, "agents": BackendSettings, "seal": SealSettings, "data": InstructionDataModule}
+    differ = []
+    for section, cls in classes.items():
+        parameters = inspect.signature(cls).parameters
+        differ += [f"{section}.{k}: default {parameters[k].default!r}, config {v!r}"
+                   for k, v in config[section].items() if parameters[k].default != v]
+    assert differ == []
 
 
 def test_tune_command_prints_its_config(capsys):
