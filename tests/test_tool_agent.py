@@ -1,6 +1,7 @@
 """The tool agent's policy, losses, learning, curriculum and checkpoint resume."""
 
 import importlib
+import importlib.util
 import inspect
 import os
 import socket
@@ -233,3 +234,13 @@ def _project_class_defaults_differ(spec: dict) -> list[str]:
 def test_class_defaults_are_the_default_config():
     config = yaml.safe_load((REPO / "configs/tool_agent/default.yaml").read_text())
     assert _project_class_defaults_differ(config["model"]) + _project_class_defaults_differ(config["data"]) == []
+
+
+def test_benchmark_results_record_the_commit_and_library_versions():
+    spec = importlib.util.spec_from_file_location("cli_runs", REPO / "bench" / "cli_runs.py")
+    cli_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli_runs)
+    record = cli_runs.provenance()
+    assert set(record) == {"commit", "versions"} and torch.__version__.startswith(record["versions"]["torch"])
+    assert {"lightning", "torchmetrics", "optuna"} <= set(record["versions"])
+    assert record["commit"] is None or len(record["commit"]) == 40  # None outside a git checkout
