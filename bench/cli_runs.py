@@ -1,14 +1,36 @@
-"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log."""
+"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log; the
+provenance that every benchmark's results file records."""
 
 from __future__ import annotations
 
 import csv
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
+
+LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
+
+
+def provenance() -> dict:
+    """What produced a result: ``{"commit": <git HEAD of this checkout, or None>, "versions": {library: version}}``
+    for the installed libraries of ``LIBRARIES``."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
+        commit = None
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"commit": commit, "versions": versions}
 
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:

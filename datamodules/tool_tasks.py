@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datamodules.distributed import per_device_batch, step_generator
@@ -51,16 +51,17 @@ class StageBatches(Dataset):
 class ToolTaskDataModule(LightningDataModule):
     """Arithmetic problems for the tool agent, served by curriculum stage.
 
-    The curriculum's frontier stage moves after each validation of a fit: in ``threshold`` mode when the greedy
-    accuracy on the frontier stage reaches ``advance_threshold``, in ``schedule`` mode as ``schedule`` lists (one
-    entry per epoch). Training batches mix the frontier stage with earlier ones (``replay_fraction``) so that
-    mastered stages are not forgotten. The curriculum is part of this module's state and is saved in checkpoints.
+    The curriculum's frontier stage moves after each validation of a fit (the ``AdvanceCurriculum`` callback, which
+    a fit requires): in ``threshold`` mode when the greedy accuracy on the frontier stage reaches
+    ``advance_threshold``, in ``schedule`` mode as ``schedule`` lists (one entry per epoch). Training batches mix the
+    frontier stage with earlier ones (``replay_fraction``) so that mastered stages are not forgotten. The curriculum
+    is part of this module's state and is saved in checkpoints.
     """
 
     def __init__(
         self,
         batch_size: int = 256,
-        batches_per_epoch: int = 50,
+        batches_per_epoch: int = 25,
         curriculum: Literal["threshold", "schedule"] = "threshold",
         advance_threshold: float = 0.95,
         schedule: list[int] | None = None,
@@ -139,6 +140,12 @@ class ToolTaskDataModule(LightningDataModule):
         self.val_set = StageBatches(digits, stages, self.hparams.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        callbacks = self.trainer.callbacks if self.trainer is not None else []
+        if not any(isinstance(c, AdvanceCurriculum) for c in callbacks):
+            # Without it the curriculum never moves and every epoch replays the first epoch's problems.
+            raise ValueError(
+                "ToolTaskDataModule needs the datamodules.tool_tasks.AdvanceCurriculum callback in trainer.callbacks"
+            )
         per_device, rank, _ = per_device_batch(self, self.batch_size)
         stream = ProblemStream(self, per_device, self.hparams.batches_per_epoch, rank)
         return DataLoader(stream, batch_size=None)
@@ -154,3 +161,22 @@ class ToolTaskDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+class AdvanceCurriculum(Callback):
+    """Advances the ``ToolTaskDataModule`` curriculum after each validation of a fit.
+
+    It reads the logged greedy accuracy of every stage (``val/greedy_acc/stage_<k>``; 0 for a stage not logged) and
+    runs before checkpointing (Lightning orders checkpoint callbacks last), so a checkpoint holds the new curriculum.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(trainer.datamodule, ToolTaskDataModule):
+            raise ValueError(f"AdvanceCurriculum needs a ToolTaskDataModule, got {type(trainer.datamodule).__name__}")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        accuracy = [float(metrics.get(f"val/greedy_acc/stage_{k}", 0.0)) for k in range(NUM_STAGES)]
+        trainer.datamodule.update_curriculum(accuracy)

@@ -1,24 +1,40 @@
 """The tool agent's policy, losses, learning, curriculum and checkpoint resume."""
 
+import importlib
+import importlib.util
+import inspect
+import os
+import socket
 from functools import partial
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.tool_tasks import ToolTaskDataModule
+from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
 from envs.tool_env import context_tokens
-from lightning_modules.tool_agent import ToolAgentA2C
+from lightning_modules.tool_agent import (
+    Rollout,
+    ToolAgentA2C,
+    compute_episode_metrics,
+    episode_metrics,
+    update_episode_metrics,
+)
 from models.tool_policy import GRUActorCritic
+from tests.conftest import REPO
 
 
 def make_agent(**kwargs):
     return ToolAgentA2C(GRUActorCritic(hidden_size=64), optimizer=partial(torch.optim.Adam, lr=1e-3), **kwargs)
 
 
-def make_trainer(max_epochs, **kwargs):
+def make_trainer(max_epochs, callbacks=(), **kwargs):
     return L.Trainer(
+        callbacks=[AdvanceCurriculum(), *callbacks],
         max_epochs=max_epochs,
         accelerator="cpu",
         logger=False,
@@ -85,6 +101,53 @@ def test_short_training_learns_stage_zero():
     assert trainer.callback_metrics["val/greedy_acc/stage_0"] > 0.9
 
 
+def episodes(correct: list[int], lengths: list[int]) -> Rollout:
+    """Evaluated episodes whose reward (1 when correct) comes at their last step."""
+    steps = max(lengths)
+    mask = torch.arange(steps) < torch.tensor(lengths).unsqueeze(1)
+    rewards = torch.zeros(len(correct), steps)
+    rewards[torch.arange(len(correct)), torch.tensor(lengths) - 1] = torch.tensor(correct, dtype=torch.float)
+    zeros = torch.zeros(len(correct), steps)
+    return Rollout(actions=zeros.long(), tokens=zeros.long(), log_probs=zeros, entropies=zeros, values=zeros,
+                   rewards=rewards, mask=mask, correct=torch.tensor(correct, dtype=torch.bool),
+                   answer=torch.zeros(len(correct)))
+
+
+def test_episode_metrics_per_stage_and_overall():
+    metrics = episode_metrics("val")
+    update_episode_metrics(metrics, episodes([1, 0, 1, 1], [3, 8, 4, 5]), torch.tensor([0, 0, 2, 2]))
+    update_episode_metrics(metrics, episodes([0, 1], [8, 3]), torch.tensor([0, 2]))
+    values = {k: round(float(v), 6) for k, v in compute_episode_metrics(metrics).items()}
+    assert values == {"val/greedy_acc/stage_0": 0.333333, "val/greedy_acc/stage_2": 1.0, "val/greedy_acc_min": 0.333333,
+                      "val/reward/stage_0": 0.333333, "val/reward/stage_2": 1.0, "val/reward": 0.666667,
+                      "val/episode_length": 5.166667}  # stage 1 was not evaluated: left out
+    assert compute_episode_metrics(metrics) == {}  # reset after computing
+
+
+def _ranks_compute_metrics(rank: int, port: int, out: dict) -> None:
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    metrics = episode_metrics("val")
+    # As a DistributedSampler deals the per-stage validation batches: rank 0 sees stages 0 and 2, rank 1 stage 1.
+    if rank == 0:
+        update_episode_metrics(metrics, episodes([1, 1], [3, 3]), torch.tensor([0, 2]))
+    else:
+        update_episode_metrics(metrics, episodes([0, 0], [8, 8]), torch.tensor([1, 1]))
+    out[rank] = {k: float(v) for k, v in compute_episode_metrics(metrics).items()}
+    dist.destroy_process_group()
+
+
+def test_two_processes_compute_every_stage_over_both():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ranks_compute_metrics, args=(port, out), nprocs=2)
+    assert out[0] == out[1]
+    assert {k: out[0][f"val/greedy_acc/stage_{k}"] for k in range(3)} == {0: 1.0, 1: 0.0, 2: 1.0}
+    assert out[0]["val/greedy_acc_min"] == 0.0 and out[0]["val/episode_length"] == 5.5
+
+
 def test_threshold_curriculum_advances_and_schedule_follows_epochs():
     data = ToolTaskDataModule(advance_threshold=0.9, replay_fraction=0.5)
     data.update_curriculum([0.5, 0.0, 0.0])
@@ -112,6 +175,21 @@ def test_bad_datamodule_arguments(kwargs, match):
         ToolTaskDataModule(**kwargs)
 
 
+def test_fit_without_the_curriculum_callback_is_refused():
+    data = ToolTaskDataModule(batch_size=8, batches_per_epoch=1, val_problems_per_stage=8)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False)  # no callback
+    with pytest.raises(ValueError, match="AdvanceCurriculum"):
+        trainer.fit(make_agent(), data)
+
+
+def test_curriculum_callback_needs_the_tool_datamodule():
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, callbacks=[AdvanceCurriculum()],
+                        enable_progress_bar=False)
+    loader = torch.utils.data.DataLoader([(torch.zeros(5, dtype=torch.long), torch.tensor(0))], batch_size=None)
+    with pytest.raises(ValueError, match="ToolTaskDataModule"):
+        trainer.fit(make_agent(), train_dataloaders=loader)
+
+
 def test_bad_module_arguments():
     with pytest.raises(ValueError, match="gamma"):
         make_agent(gamma=1.5)
@@ -137,3 +215,32 @@ def test_resume_restores_curriculum_and_continues_exactly(tmp_path):
     assert resumed_data.state_dict() == full_data.state_dict()
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _project_class_defaults_differ(spec: dict) -> list[str]:
+    """``init_args`` of a config section (and its nested project classes) that differ from the class's defaults."""
+    module, _, name = spec["class_path"].rpartition(".")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    out = []
+    for key, value in spec.get("init_args", {}).items():
+        if isinstance(value, dict) and "class_path" in value:
+            if not value["class_path"].startswith("torch."):
+                out += _project_class_defaults_differ(value)
+        elif parameters[key].default != value:
+            out.append(f"{name}.{key}: default {parameters[key].default!r}, config {value!r}")
+    return out
+
+
+def test_class_defaults_are_the_default_config():
+    config = yaml.safe_load((REPO / "configs/tool_agent/default.yaml").read_text())
+    assert _project_class_defaults_differ(config["model"]) + _project_class_defaults_differ(config["data"]) == []
+
+
+def test_benchmark_results_record_the_commit_and_library_versions():
+    spec = importlib.util.spec_from_file_location("cli_runs", REPO / "bench" / "cli_runs.py")
+    cli_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli_runs)
+    record = cli_runs.provenance()
+    assert set(record) == {"commit", "versions"} and torch.__version__.startswith(record["versions"]["torch"])
+    assert {"lightning", "torchmetrics", "optuna"} <= set(record["versions"])
+    assert record["commit"] is None or len(record["commit"]) == 40  # None outside a git checkout

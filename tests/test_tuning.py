@@ -1,6 +1,7 @@
 """The tuning loop: agent schemas under fuzzed output, the HTTP backend against a loopback server, QA scoring,
 SEAL's keep filter, the data, the tune command end to end, and resume after a real kill."""
 
+import inspect
 import json
 import math
 import os
@@ -15,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import optuna
 import pytest
 import torch
+import yaml
 
 from datamodules.instructions import InstructionDataModule, parse_qa_text, qa_text
 from experiment.cli import main
@@ -23,9 +25,10 @@ from models.lm_factory import LoraSettings, build_causal_lm
 from tests.conftest import REPO
 from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner
 from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBackend, extract_json
-from tuning.qa import exact_match, score_answers, token_f1
+from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
-from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, clamp_hparams, in_space
+from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space
+from tuning.study import StudySettings
 from tuning.trial import SEED_TARGETS
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
@@ -84,9 +87,10 @@ class ScriptedBackend:
     name = "scripted"
 
     def __init__(self, replies):
-        self.replies = list(replies)
+        self.replies, self.systems = list(replies), []
 
     def complete(self, system, user):
+        self.systems.append(system)
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):
             raise reply
@@ -143,6 +147,20 @@ def test_clamping_moves_values_into_the_seed_ranges():
     for name, spec in SPACE.items():
         if isinstance(spec, Choice):
             assert clamp_hparams({name: 10_000})[0][name] == max(spec.values)
+
+
+def test_agent_prompts_state_the_search_space_as_it_is(monkeypatch):
+    def prompt(agent):
+        backend = ScriptedBackend([{}])
+        agent.act(Context([], 0), backend)
+        return backend.systems[0]
+
+    assert "lr [1e-05, 0.0005] (log scale)" in prompt(Tuner()) and "lora_r {8, 16, 32}" in prompt(Judge())
+    monkeypatch.setitem(SPACE, "lr", Range(1e-6, 1e-2, log=True))
+    monkeypatch.setitem(SPACE, "epochs", Choice((1, 2, 3)))
+    tuner, seal = prompt(Tuner()), prompt(SealExpert())
+    assert "lr [1e-06, 0.01] (log scale)" in tuner and "0.0005" not in tuner
+    assert "epochs {1, 2, 3}" in tuner and "seal_epochs 1, 2 or 3" in tuner and '"seal_epochs" (1, 2 or 3)' in seal
 
 
 def test_judge_cannot_stop_before_the_minimum_and_stops_on_a_plateau():
@@ -244,9 +262,10 @@ def test_local_lm_backend_reply_is_validated_and_falls_back(data):
 
 # --- QA -------------------------------------------------------------------------------------------------------
 def test_qa_scores_against_references():
-    assert exact_match("The Oakvale.", "oakvale") == 1.0 and exact_match("Oakvale town", "Oakvale") == 0.0
-    assert token_f1("in Oakvale town", "Oakvale") == pytest.approx(0.5)
-    assert token_f1("baker", "farmer") == 0.0
+    assert score_answers(["The Oakvale."], ["oakvale"]) == {"em": 1.0, "f1": 1.0}  # SQuAD's normalisation
+    assert score_answers(["Oakvale town"], ["Oakvale"])["em"] == 0.0
+    assert score_answers(["in Oakvale town"], ["Oakvale"])["f1"] == pytest.approx(0.5)
+    assert score_answers(["baker"], ["farmer"])["f1"] == 0.0 and score_answers([""], ["farmer"])["f1"] == 0.0
     preds, refs = ["the Oakvale", "in Oakvale town", "nothing"], ["Oakvale", "Oakvale", "baker"]
     scores = score_answers(preds, refs)
     assert scores["em"] == pytest.approx(1 / 3) and scores["f1"] == pytest.approx((1 + 0.5 + 0) / 3)
@@ -397,6 +416,17 @@ def test_tune_command_rejects_bad_input(args, message, capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), *args])
     assert message in capsys.readouterr().err
+
+
+def test_settings_defaults_are_the_default_config():
+    config = yaml.safe_load((REPO / "configs/tuning/default.yaml").read_text())
+    classes = {"study": StudySettings, "agents": BackendSettings, "seal": SealSettings, "data": InstructionDataModule}
+    differ = []
+    for section, cls in classes.items():
+        parameters = inspect.signature(cls).parameters
+        differ += [f"{section}.{k}: default {parameters[k].default!r}, config {v!r}"
+                   for k, v in config[section].items() if parameters[k].default != v]
+    assert differ == []
 
 
 def test_tune_command_prints_its_config(capsys):

@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 class StudySettings:
     """The study: where it is stored, how it searches and when it stops."""
 
-    storage: str = "sqlite:///outputs/tuning/study.db"
+    storage: str = "sqlite:///outputs/tuning/default.db"
     """Optuna storage URL: ``sqlite:///file.db`` on one machine, ``postgresql://user@host/db`` (or
     ``mysql://...``) for workers on several machines. The password belongs in the URL's environment
     (e.g. ``PGPASSWORD``), not in a config."""
@@ -66,7 +66,7 @@ class StudySettings:
     """Times a dead worker's trial is re-queued."""
     qa: bool = True
     """Score held-out QA after every agentic episode."""
-    export_messages: str | None = None
+    export_messages: str | None = "outputs/tuning/default_messages.jsonl"
     """Write every agent message of the study to this JSONL file at the end (``null``: don't)."""
 
     def __post_init__(self) -> None:
