@@ -16,16 +16,16 @@ from pathlib import Path
 LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
 
 
-def provenance() -> dict:
+def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
     """What produced a result: ``{"commit": <git HEAD of this checkout, or None>, "versions": {library: version}}``
-    for the installed libraries of ``LIBRARIES``."""
+    for the installed ones of ``packages``."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
         commit = None
     versions = {}
-    for name in LIBRARIES:
+    for name in packages:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -86,24 +86,3 @@ def _with_threads(threads: int, fn: Callable, call: tuple):
 
     torch.set_num_threads(threads)
     return fn(*call)
-
-
-def provenance(packages: tuple[str, ...] = ("torch", "lightning", "torchmetrics", "transformers")) -> dict:
-    """What produced a result: ``{"commit": <git HEAD of this repository, None outside git>, "versions":
-    {package: version}}`` for the installed ones of ``packages``."""
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        commit = commit.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return {"commit": commit, "versions": versions}
