@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import optuna
@@ -23,13 +24,14 @@ from experiment.cli import main
 from lightning_modules.lm_phase import warmup_then_decay
 from models.lm_factory import LoraSettings, build_causal_lm
 from tests.conftest import REPO
+from tests.test_configs import differences
 from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner
 from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBackend, extract_json
 from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
 from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space
 from tuning.study import StudySettings
-from tuning.trial import SEED_TARGETS
+from tuning.trial import SEED_TARGETS, TrialSettings
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
               "--data.num_knowledge_people", "4", "--data.max_length", "128"]
@@ -426,6 +428,7 @@ def test_settings_defaults_are_the_default_config():
         parameters = inspect.signature(cls).parameters
         differ += [f"{section}.{k}: default {parameters[k].default!r}, config {v!r}"
                    for k, v in config[section].items() if parameters[k].default != v]
+    differ += differences(config["trial"], asdict(TrialSettings()), "trial.")  # nested: the LM settings
     assert differ == []
 
 
