@@ -197,6 +197,14 @@ def test_bad_module_arguments():
         ToolAgentA2C(GRUActorCritic(num_actions=18), semantics="register")
 
 
+@pytest.mark.parametrize("kwargs,match", [({"hidden_size": 0}, "hidden_size"), ({"num_actions": 0}, "num_actions"),
+                                          ({"num_stages": 0}, "num_stages")])
+def test_an_empty_policy_network_is_refused(kwargs, match):
+    # hidden_size 0 used to train a constant policy (zero-width heads give zero logits) without a word.
+    with pytest.raises(ValueError, match=match):
+        GRUActorCritic(**kwargs)
+
+
 def _fit(tmp_path, max_epochs, ckpt_path=None):
     L.seed_everything(0)
     agent = make_agent()
