@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
 from envs.tool_env import context_tokens
+from experiment.cli import main
 from lightning_modules.tool_agent import (
     Rollout,
     ToolAgentA2C,
@@ -252,3 +253,13 @@ def test_benchmark_results_record_the_commit_and_library_versions():
     assert set(record) == {"commit", "versions"} and torch.__version__.startswith(record["versions"]["torch"])
     assert {"lightning", "torchmetrics", "optuna"} <= set(record["versions"])
     assert record["commit"] is None or len(record["commit"]) == 40  # None outside a git checkout
+
+
+def test_default_config_run_stopping_before_its_first_validation_ends_cleanly(in_tmp):
+    # EarlyStopping used to look for val/greedy_acc_min at the end of the cut-short epoch and raise, so nothing was
+    # checkpointed.
+    run = main(["fit", "--config", str(REPO / "configs/tool_agent/default.yaml"), "--trainer.max_steps", "3",
+                "--trainer.enable_progress_bar", "false"])
+    assert run.trainer.state.finished and run.trainer.global_step == 3
+    last = run.trainer.checkpoint_callback.last_model_path
+    assert last and torch.load(last, weights_only=False)["global_step"] == 3
