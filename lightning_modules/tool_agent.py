@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 
 from envs.tool_env import NUM_STAGES, STAGE_NUM_DIGITS, Semantics, ToolEnv, context_tokens, decode, stage_goal
+from lightning_modules.guarded import GuardedModule
 from lightning_modules.rl import gae, masked_mean, masked_normalize
 from models.tool_policy import GRUActorCritic
 
@@ -77,8 +77,12 @@ def compute_episode_metrics(metrics: MetricCollection) -> dict[str, Tensor]:
     return values
 
 
-class ToolAgentA2C(LightningModule):
+class ToolAgentA2C(GuardedModule):
     """Advantage actor-critic (A2C) for the tool agent: one on-policy rollout and one update per batch.
+
+    It runs under the shared ``NonFiniteGuard`` (``GuardedModule``): the manual ``optimizer.step()`` goes through
+    Lightning's optimizer, so an update with a non-finite gradient is skipped and a step that leaves a non-finite
+    weight is rolled back before the next rollout samples from it.
 
     Logged metrics: ``train/loss``, ``train/policy_loss``, ``train/value_loss``, ``train/entropy``, ``train/reward``
     (mean episode return of the sampled rollouts), ``train/accuracy`` (sampled episodes that answered the stated

@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
 from envs.tool_env import context_tokens
 from experiment.cli import main
+from lightning_modules.guarded import GuardedModule, NonFiniteGuard
 from lightning_modules.tool_agent import (
     Rollout,
     ToolAgentA2C,
@@ -263,3 +265,57 @@ def test_default_config_run_stopping_before_its_first_validation_ends_cleanly(in
     assert run.trainer.state.finished and run.trainer.global_step == 3
     last = run.trainer.checkpoint_callback.last_model_path
     assert last and torch.load(last, weights_only=False)["global_step"] == 3
+
+
+class InjectNaN(Callback):
+    """Writes a NaN into the policy head's weights after the given steps (before the module's guard looks)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                module.policy.policy_head.weight.view(-1)[0] = float("nan")
+
+
+def _guarded_fit(*callbacks, max_steps=6):
+    L.seed_everything(0)
+    agent = make_agent()
+    data = ToolTaskDataModule(batch_size=32, batches_per_epoch=4, val_problems_per_stage=32)
+    trainer = make_trainer(max_epochs=-1, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=False)
+    trainer.fit(agent, data)
+    return agent, trainer
+
+
+def test_a_nan_weight_is_rolled_back_and_training_continues():
+    # It used to reach torch.multinomial at the next step: "probability tensor contains either inf, nan or element < 0".
+    agent, trainer = _guarded_fit(InjectNaN({3}))
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert isinstance(agent, GuardedModule)
+    assert trainer.global_step == 6 and guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in agent.parameters())
+
+
+def test_nan_weights_step_after_step_stop_with_a_clear_error():
+    with pytest.raises(FloatingPointError, match="5 updates in a row had non-finite weights"):
+        _guarded_fit(InjectNaN(set(range(1, 20))), max_steps=20)
+
+
+def test_an_infinite_gradient_skips_the_manual_optimizer_step():
+    # Manual optimisation: the guard's on_before_optimizer_step runs inside the Lightning optimizer's step().
+    recorded = {}
+
+    class InfiniteGradient(Callback):
+        def on_after_backward(self, trainer, module):
+            if trainer.global_step == 2:
+                recorded["before"] = {n: p.detach().clone() for n, p in module.named_parameters()}
+                module.policy.value_head.weight.grad.view(-1)[0] = float("inf")
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            if "before" in recorded and "after" not in recorded:
+                recorded["after"] = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    _, trainer = _guarded_fit(InfiniteGradient(), max_steps=4)
+    assert trainer.global_step == 4
+    assert all(torch.equal(recorded["after"][n], p) for n, p in recorded["before"].items())
