@@ -5,13 +5,18 @@ from __future__ import annotations
 from lightning.pytorch import LightningDataModule
 
 
+def rank_and_world_size(datamodule: LightningDataModule) -> tuple[int, int]:
+    """``(rank, world size)`` of this process; outside a Trainer the run counts as one process."""
+    trainer = datamodule.trainer
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 def per_device_batch(datamodule: LightningDataModule, batch_size: int) -> tuple[int, int, int]:
     """``(per-device batch size, rank, world size)`` for the global ``batch_size``; a clear error if it doesn't divide.
 
     Outside a Trainer the run counts as one process.
     """
-    trainer = datamodule.trainer
-    world_size, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    rank, world_size = rank_and_world_size(datamodule)
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by world size {world_size}")
     return batch_size // world_size, rank, world_size

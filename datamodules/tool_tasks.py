@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datamodules.distributed import per_device_batch, step_generator
+from datamodules.distributed import per_device_batch, rank_and_world_size, step_generator
 from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
 
@@ -46,6 +47,29 @@ class StageBatches(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = self.chunks[index]
         return self.digits[chunk], self.stages[chunk]
+
+
+class RankBatches(IterableDataset):
+    """One process's share of whole evaluation batches, none repeated: batch ``i`` goes to rank ``i mod world_size``.
+
+    A ``DistributedSampler`` would pad the batches to a multiple of the world size by repeating some, so metrics
+    summed over the ranks would count those twice. Here a rank with fewer batches gets empty ones instead, so every
+    rank runs the same number of steps, and the ranks together evaluate each problem exactly once, in the same
+    batches as one process does. (An ``IterableDataset``: Lightning adds no sampler of its own.)
+    """
+
+    def __init__(self, batches: StageBatches, rank: int = 0, world_size: int = 1) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.world_size)
+
+    def __iter__(self):
+        for index in range(self.rank, len(self) * self.world_size, self.world_size):
+            if index < len(self.batches):
+                yield self.batches[index]
+            else:
+                yield self.batches.digits[:0], self.batches.stages[:0]
 
 
 class ToolTaskDataModule(LightningDataModule):
@@ -150,14 +174,19 @@ class ToolTaskDataModule(LightningDataModule):
         stream = ProblemStream(self, per_device, self.hparams.batches_per_epoch, rank)
         return DataLoader(stream, batch_size=None)
 
+    def _evaluation_loader(self, batches: StageBatches) -> DataLoader:
+        """This process's share of ``batches`` (see ``RankBatches``; steps skip its empty batches)."""
+        rank, world_size = rank_and_world_size(self)
+        return DataLoader(RankBatches(batches, rank, world_size), batch_size=None)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=None)
+        return self._evaluation_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         """Every digit combination of every stage (1,000 + 10,000 + 100,000 problems)."""
         digits = torch.cat([all_problems(s) for s in range(NUM_STAGES)])
         stages = torch.cat([torch.full((10 ** (3 + s),), s) for s in range(NUM_STAGES)])
-        return DataLoader(StageBatches(digits, stages, self.hparams.eval_batch_size), batch_size=None)
+        return self._evaluation_loader(StageBatches(digits, stages, self.hparams.eval_batch_size))
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()

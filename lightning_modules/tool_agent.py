@@ -238,21 +238,27 @@ class ToolAgentA2C(GuardedModule):
         return losses["loss"]
 
     # --- evaluation -------------------------------------------------------------------------------------------
+    # Under DDP a process with fewer evaluation batches than another gets empty ones (tool_tasks.RankBatches).
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch
-        rollout = self.rollout(digits, stage, greedy=True)
-        update_episode_metrics(self.val_metrics, rollout, stage)
         if batch_idx == 0:
             self._trajectories = []
+        if not len(digits):
+            return
+        rollout = self.rollout(digits, stage, greedy=True)
+        update_episode_metrics(self.val_metrics, rollout, stage)
         self._trajectories += self.describe(digits, stage, rollout)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch
-        update_episode_metrics(self.test_metrics, self.rollout(digits, stage, greedy=True), stage)
+        if len(digits):
+            update_episode_metrics(self.test_metrics, self.rollout(digits, stage, greedy=True), stage)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> list[str]:
         """Every greedy trajectory of the batch as text; the first few are printed."""
         digits, stage = batch
+        if not len(digits):
+            return []
         lines = self.describe(digits, stage, self.rollout(digits, stage, greedy=True), per_stage=len(digits))
         rank_zero_info("\n".join(lines[: self.hparams.logged_trajectories]))
         return lines

@@ -3,8 +3,11 @@
 import importlib
 import importlib.util
 import inspect
+import json
 import os
 import socket
+import subprocess
+import sys
 from functools import partial
 
 import lightning as L
@@ -319,3 +322,38 @@ def test_an_infinite_gradient_skips_the_manual_optimizer_step():
     _, trainer = _guarded_fit(InfiniteGradient(), max_steps=4)
     assert trainer.global_step == 4
     assert all(torch.equal(recorded["after"][n], p) for n, p in recorded["before"].items())
+
+
+def _run_cli(cwd, *args):
+    command = [sys.executable, str(REPO / "train.py"), *args, "--trainer.enable_progress_bar", "false"]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _saved_metrics(folder, rank=0):
+    return json.loads((folder / f"metrics_rank{rank}.json").read_text())
+
+
+def test_ddp_curriculum_and_validation_equal_one_process(tmp_path, monkeypatch):
+    default, ddp = str(REPO / "configs/tool_agent/default.yaml"), str(REPO / "configs/trainer/ddp_cpu.yaml")
+    save = ["--trainer.callbacks+=tests.helpers.SaveRankMetrics", "--trainer.callbacks.init_args.folder"]
+    # A short fit on two processes passes the curriculum's stage 1 (the same on both ranks).
+    _run_cli(tmp_path, "fit", "--config", default, "--config", ddp, "--trainer.max_epochs", "3",
+             "--data.init_args.batches_per_epoch", "5", "--data.init_args.advance_threshold", "0.05",
+             *save, str(tmp_path / "fit"))
+    states = [_saved_metrics(tmp_path / "fit", rank)["datamodule"] for rank in (0, 1)]
+    assert states[0] == states[1] and states[0]["stage"] == 2
+    # Its checkpoint validated on two processes and on one: every logged validation metric is the same. (A
+    # DistributedSampler pads 3 evaluation batches to 4 by repeating one: val/reward and val/episode_length
+    # counted the stage-0 batch twice.)
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    _run_cli(tmp_path, "validate", "--config", default, "--config", ddp, "--ckpt_path", str(checkpoint),
+             *save, str(tmp_path / "ddp"))
+    monkeypatch.chdir(tmp_path)
+    main(["validate", "--config", default, "--ckpt_path", str(checkpoint), "--trainer.enable_progress_bar", "false",
+          *save, str(tmp_path / "one")])
+    one = _saved_metrics(tmp_path / "one")["metrics"]
+    assert {"val/greedy_acc/stage_2", "val/reward", "val/episode_length"} <= set(one)
+    for rank in (0, 1):
+        assert _saved_metrics(tmp_path / "ddp", rank)["metrics"] == pytest.approx(one, rel=1e-6), rank
