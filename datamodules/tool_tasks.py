@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datamodules.distributed import per_device_batch, rank_and_world_size, step_generator
@@ -14,7 +15,11 @@ from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
 
 class ProblemStream(IterableDataset):
-    """``batches`` random problem batches, regenerated identically for the same epoch, rank and curriculum."""
+    """``batches`` random problem batches, regenerated identically for the same epoch, rank and curriculum.
+
+    It starts after the batches of the epoch that were already trained on (``datamodule.batches_done``, restored from
+    a checkpoint), so a run resumed mid-epoch sees the problems the uninterrupted run sees.
+    """
 
     def __init__(self, datamodule: ToolTaskDataModule, batch_size: int, batches: int, rank: int) -> None:
         self.datamodule, self.batch_size, self.batches, self.rank = datamodule, batch_size, batches, rank
@@ -27,9 +32,12 @@ class ProblemStream(IterableDataset):
         # Seeded by epoch and rank: ranks see different problems, and a resumed run sees the same ones.
         generator = step_generator(dm.seed, self.rank, dm.epochs_completed)
         probs = dm.stage_probs()
-        for _ in range(self.batches):
+        # (A generator: this runs at the first batch, after the callbacks' on_train_start.)
+        done = dm.batches_done if dm.batches_done < self.batches else 0
+        for index in range(self.batches):
             digits, stage = sample_problems(self.batch_size, probs, generator)
-            yield digits, stage
+            if index >= done:  # the batches before were trained on before a resume: drawn and dropped
+                yield digits, stage
 
 
 class StageBatches(Dataset):
@@ -127,6 +135,7 @@ class ToolTaskDataModule(LightningDataModule):
         self.seed = seed
         self.stage = schedule[0] if curriculum == "schedule" else start_stage
         self.epochs_completed = 0
+        self.batches_done = 0  # training batches of the current epoch trained on (counted by AdvanceCurriculum)
 
     # --- curriculum -------------------------------------------------------------------------------------------
     def stage_probs(self) -> torch.Tensor:
@@ -149,11 +158,12 @@ class ToolTaskDataModule(LightningDataModule):
             self.stage += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "epochs_completed": self.epochs_completed}
+        return {"stage": self.stage, "epochs_completed": self.epochs_completed, "batches_done": self.batches_done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = state_dict["stage"]
         self.epochs_completed = state_dict["epochs_completed"]
+        self.batches_done = state_dict.get("batches_done", 0)  # checkpoints written before it: epoch ends only
 
     # --- data -------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -193,10 +203,12 @@ class ToolTaskDataModule(LightningDataModule):
 
 
 class AdvanceCurriculum(Callback):
-    """Advances the ``ToolTaskDataModule`` curriculum after each validation of a fit.
+    """Advances the ``ToolTaskDataModule`` curriculum after each validation of a fit, and counts the training batches
+    of the current epoch trained on (so that a run resumed mid-epoch continues the epoch's problem stream).
 
     It reads the logged greedy accuracy of every stage (``val/greedy_acc/stage_<k>``; 0 for a stage not logged) and
-    runs before checkpointing (Lightning orders checkpoint callbacks last), so a checkpoint holds the new curriculum.
+    runs before checkpointing (Lightning orders checkpoint callbacks last), so a checkpoint holds the new curriculum
+    and the count.
     """
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -208,4 +220,29 @@ class AdvanceCurriculum(Callback):
             return
         metrics = trainer.callback_metrics
         accuracy = [float(metrics.get(f"val/greedy_acc/stage_{k}", 0.0)) for k in range(NUM_STAGES)]
-        trainer.datamodule.update_curriculum(accuracy)
+        dm = trainer.datamodule
+        dm.update_curriculum(accuracy)
+        if dm.batches_done >= trainer.num_training_batches:  # the epoch's own validation: its training is over
+            dm.batches_done = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm.batches_done < trainer.num_training_batches:
+            return
+        # Resumed from a checkpoint of an epoch's last batch, taken before the epoch's end: Lightning goes on with the
+        # next epoch and does not run the epoch's validation, so the curriculum would not move. Run it now, as the
+        # uninterrupted run did at this step (its hooks move the curriculum and may checkpoint or stop).
+        every = trainer.check_val_every_n_epoch
+        if trainer.enable_validation and every is not None and trainer.current_epoch % every == 0:
+            rank_zero_info(f"Running the validation of epoch {trainer.current_epoch - 1}, which the checkpoint "
+                           "preceded and which moves the curriculum")
+            trainer.validating = True
+            trainer.fit_loop.epoch_loop.val_loop.run()
+            trainer.training = True
+        dm.batches_done = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        trainer.datamodule.batches_done += 1
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.datamodule.batches_done = 0

@@ -357,3 +357,35 @@ def test_ddp_curriculum_and_validation_equal_one_process(tmp_path, monkeypatch):
     assert {"val/greedy_acc/stage_2", "val/reward", "val/episode_length"} <= set(one)
     for rank in (0, 1):
         assert _saved_metrics(tmp_path / "ddp", rank)["metrics"] == pytest.approx(one, rel=1e-6), rank
+
+
+class RecordLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = float(outputs["loss"] if isinstance(outputs, dict) else outputs)
+
+
+def _fit_saving_every(folder, every, ckpt_path=None):
+    L.seed_everything(0)
+    agent = make_agent()
+    data = ToolTaskDataModule(batch_size=64, batches_per_epoch=6, val_problems_per_stage=128, advance_threshold=0.3)
+    losses = RecordLosses()
+    checkpoints = ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=-1, filename="{step}")
+    make_trainer(max_epochs=3, callbacks=[losses, checkpoints]).fit(agent, data, ckpt_path=ckpt_path)
+    return agent, data, losses.losses
+
+
+@pytest.mark.parametrize("step", [4, 8, 12])  # mid-epoch 0; mid-epoch 1, after the curriculum moved; last of epoch 1
+def test_resume_from_any_step_continues_exactly(tmp_path, step):
+    # Resumed mid-epoch, the problem stream used to start its epoch again: step 5 trained on step 1's problems.
+    full, full_data, full_losses = _fit_saving_every(tmp_path / "full", every=4)
+    assert full_data.stage >= 1, "the test needs the curriculum to move"
+    resumed, resumed_data, resumed_losses = _fit_saving_every(tmp_path / "resumed", every=100,
+                                                              ckpt_path=str(tmp_path / "full" / f"step={step}.ckpt"))
+    assert sorted(resumed_losses) == list(range(step + 1, 19))
+    assert resumed_losses == {s: full_losses[s] for s in resumed_losses}
+    assert resumed_data.state_dict() == full_data.state_dict()
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
