@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
+from datamodules.tool_tasks import AdvanceCurriculum, RankBatches, ToolTaskDataModule
 from envs.tool_env import context_tokens
 from experiment.cli import main
 from lightning_modules.guarded import GuardedModule, NonFiniteGuard
@@ -389,3 +389,16 @@ def test_resume_from_any_step_continues_exactly(tmp_path, step):
     assert resumed_data.state_dict() == full_data.state_dict()
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_evaluation_batches_are_dealt_whole_and_once(world_size):
+    data = ToolTaskDataModule(val_problems_per_stage=100, eval_batch_size=40)  # 3 batches per stage: 9 in all
+    data.setup("validate")
+    shares = [list(RankBatches(data.val_set, rank, world_size)) for rank in range(world_size)]
+    assert len({len(share) for share in shares}) == 1  # every rank steps as often
+    batches = [batch for share in shares for batch in share if len(batch[0])]
+    assert len(batches) == len(data.val_set)
+    assert sorted(tuple(d.tolist()) for d, _ in batches) == sorted(tuple(data.val_set[i][0].tolist())
+                                                                   for i in range(len(data.val_set)))
+    assert all(len(s.unique()) == 1 for _, s in batches)  # each batch holds one stage
