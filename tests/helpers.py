@@ -48,3 +48,16 @@ class SaveRankMetrics(Callback):
             record["datamodule"] = trainer.datamodule.state_dict()
         with open(os.path.join(self.folder, f"metrics_rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
+
+
+class InjectNaN(Callback):
+    """Writes a NaN into one trainable weight after the given steps (before a module's own guard looks: a module's
+    callbacks come after the Trainer's)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                next(p for p in module.parameters() if p.requires_grad).view(-1)[0] = float("nan")

@@ -11,6 +11,7 @@ from lightning_modules.lm_phase import load_phase_checkpoint
 from lightning_modules.reward_model import PairwiseRewardModel
 from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import LMSettings
+from tests.helpers import InjectNaN
 
 TINY = LMSettings(hidden_size=32, num_layers=1, num_heads=2)
 DATA = dict(num_stories=120, vocab_size=320, batch_size=8)
@@ -19,18 +20,6 @@ DATA = dict(num_stories=120, vocab_size=320, batch_size=8)
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return TextCorpusDataModule(**DATA, tokenizer_cache=str(tmp_path_factory.mktemp("tok")))
-
-
-class InjectNaN(Callback):
-    """Writes a NaN into one trainable weight after the given steps."""
-
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step in self.steps:
-            with torch.no_grad():
-                next(p for p in module.parameters() if p.requires_grad).view(-1)[0] = float("nan")
 
 
 def _sft(data):

@@ -32,6 +32,7 @@ from lightning_modules.tool_agent import (
 )
 from models.tool_policy import GRUActorCritic
 from tests.conftest import REPO
+from tests.helpers import InjectNaN
 
 
 def make_agent(**kwargs):
@@ -268,18 +269,6 @@ def test_default_config_run_stopping_before_its_first_validation_ends_cleanly(in
     assert run.trainer.state.finished and run.trainer.global_step == 3
     last = run.trainer.checkpoint_callback.last_model_path
     assert last and torch.load(last, weights_only=False)["global_step"] == 3
-
-
-class InjectNaN(Callback):
-    """Writes a NaN into the policy head's weights after the given steps (before the module's guard looks)."""
-
-    def __init__(self, steps: set[int]) -> None:
-        self.steps = steps
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if trainer.global_step in self.steps:
-            with torch.no_grad():
-                module.policy.policy_head.weight.view(-1)[0] = float("nan")
 
 
 def _guarded_fit(*callbacks, max_steps=6):
