@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -182,6 +183,8 @@ class ToolTaskDataModule(LightningDataModule):
             )
         per_device, rank, _ = per_device_batch(self, self.batch_size)
         stream = ProblemStream(self, per_device, self.hparams.batches_per_epoch, rank)
+        # Lightning cannot see that this stream continues mid-epoch and would warn that it restarts the epoch.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         return DataLoader(stream, batch_size=None)
 
     def _evaluation_loader(self, batches: StageBatches) -> DataLoader:
