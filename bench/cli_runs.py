@@ -86,3 +86,37 @@ def _with_threads(threads: int, fn: Callable, call: tuple):
 
     torch.set_num_threads(threads)
     return fn(*call)
+
+
+def provenance() -> dict:
+    """Where a results file comes from: the repository's commit (``None`` outside git), whether tracked files had
+    uncommitted changes, the versions of the libraries that shape the numbers (those importable) and Python's."""
+    import platform
+    import subprocess
+    from importlib import metadata, util
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None  # tracked files only
+    versions = {}
+    packages = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "torchmetrics", "jsonargparse", "optuna")
+    for name in packages:
+        try:
+            if util.find_spec(name) is not None:
+                versions[name] = metadata.version(name)
+        except (ImportError, ValueError, metadata.PackageNotFoundError):
+            pass
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": bool(status and status.strip()),
+        "versions": versions,
+        "python": platform.python_version(),
+    }
