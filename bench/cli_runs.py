@@ -16,22 +16,6 @@ from pathlib import Path
 LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
 
 
-def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
-    """What produced a result: ``{"commit": <git HEAD of this checkout, or None>, "versions": {library: version}}``
-    for the installed ones of ``packages``."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
-        commit = None
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"commit": commit, "versions": versions}
-
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
     """Fit one config and test it; returns the CLI object, the test metrics and the fit time in seconds."""
@@ -88,12 +72,11 @@ def _with_threads(threads: int, fn: Callable, call: tuple):
     return fn(*call)
 
 
-def provenance() -> dict:
+def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
     """Where a results file comes from: the repository's commit (``None`` outside git), whether tracked files had
-    uncommitted changes, the versions of the libraries that shape the numbers (those importable) and Python's."""
+    uncommitted changes, the versions of ``packages`` (those importable) and Python's."""
     import platform
-    import subprocess
-    from importlib import metadata, util
+    from importlib import util
 
     repo = Path(__file__).resolve().parents[1]
 
@@ -107,7 +90,6 @@ def provenance() -> dict:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None  # tracked files only
     versions = {}
-    packages = ("torch", "lightning", "transformers", "peft", "bitsandbytes", "torchmetrics", "jsonargparse", "optuna")
     for name in packages:
         try:
             if util.find_spec(name) is not None:
