@@ -98,8 +98,12 @@ class ExperimentCLI(LightningCLI):
         )
 
 
-def _innermost(error: BaseException) -> BaseException:
-    while (error.__cause__ or error.__context__) is not None:
+PARSER_WRAPPERS = ("Does not validate against any of", "Problem with given class_path", "Parser key ")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The first error in the chain that is not the argument parser wrapping another one."""
+    while any(w in str(error) for w in PARSER_WRAPPERS) and (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__
     return error
 
@@ -114,7 +118,7 @@ def one_line_error(error: BaseException) -> str:
     if keys and reasons:  # a value the parser rejected
         key = keys[0] if not nested else f"{keys[0]}.init_args.{nested.group(1)}"
         return f"{key}: {reasons[0]}"
-    inner = _innermost(error)
+    inner = _cause(error)
     section = "data: " if "LightningDataModule" in text else "model: " if "LightningModule" in text else ""
     message = " ".join(str(inner).split()) or type(inner).__name__
     return f"{section}{message}" if section else f"{type(inner).__name__}: {message}"
