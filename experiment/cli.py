@@ -157,6 +157,6 @@ def _run(argv: list[str], parser_kwargs: dict) -> LightningCLI | dict:
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         auto_configure_optimizers=False,
-        parser_kwargs=parser_kwargs,
+        parser_kwargs={"allow_abbrev": False, **parser_kwargs},  # `--seed_every 3` is not `--seed_everything 3`
         args=expand_config_bases(argv),
     )

@@ -82,6 +82,7 @@ def test_test_subcommand_evaluates_a_checkpoint(in_tmp):
         (["--data.init_args.start_stage", "7"], "unknown stage 7"),
         (["--config", "configs/tool_agent/missing.yaml"], "missing.yaml"),
         (["--model.init_args.gamma", "abc"], "model.init_args.gamma: Expected a <class 'float'>"),
+        (["--seed_every", "3"], "unrecognized arguments: --seed_every"),  # no abbreviated options
     ],
 )
 def test_bad_input_fails_with_a_clear_error(args, message):
