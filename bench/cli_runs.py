@@ -16,22 +16,6 @@ from pathlib import Path
 LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
 
 
-def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
-    """What produced a result: ``{"commit": <git HEAD of this checkout, or None>, "versions": {library: version}}``
-    for the installed ones of ``packages``."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
-        commit = None
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"commit": commit, "versions": versions}
-
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
     """Fit one config and test it; returns the CLI object, the test metrics and the fit time in seconds."""
@@ -86,3 +70,35 @@ def _with_threads(threads: int, fn: Callable, call: tuple):
 
     torch.set_num_threads(threads)
     return fn(*call)
+
+
+def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
+    """Where a results file comes from: the repository's commit (``None`` outside git), whether tracked files had
+    uncommitted changes, the versions of ``packages`` (those importable) and Python's."""
+    import platform
+    from importlib import util
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None  # tracked files only
+    versions = {}
+    for name in packages:
+        try:
+            if util.find_spec(name) is not None:
+                versions[name] = metadata.version(name)
+        except (ImportError, ValueError, metadata.PackageNotFoundError):
+            pass
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": bool(status and status.strip()),
+        "versions": versions,
+        "python": platform.python_version(),
+    }

@@ -8,8 +8,11 @@ first and this one overlays them, so an ablation file holds only what it changes
 from __future__ import annotations
 
 import copy
+import os
+import re
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import yaml
@@ -19,6 +22,9 @@ from lightning.pytorch.cli import LightningCLI
 from experiment.save_config import RunConfigSaver
 
 CONFIG_FLAGS = ("--config", "-c")
+DEBUG_FLAG = "--debug"
+# Problems with what the user gave (a config value, a file, a model name, a diverged run): one line, not a traceback.
+USER_ERRORS = (ArgumentError, ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError, KeyError)
 # Flat LM arguments of run configs saved before the LM settings were one ``lm`` object.
 LEGACY_LM_KEYS = ("model_name", "hidden_size", "num_layers", "num_heads", "load_in_4bit", "trust_remote_code")
 LEGACY_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -92,11 +98,52 @@ class ExperimentCLI(LightningCLI):
         )
 
 
+PARSER_WRAPPERS = ("Does not validate against any of", "Problem with given class_path", "Parser key ")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The first error in the chain that is not the argument parser wrapping another one."""
+    while any(w in str(error) for w in PARSER_WRAPPERS) and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def one_line_error(error: BaseException) -> str:
+    """``<key>: <why>`` for a config, checkpoint or model problem, from the (often nested) error that raised it."""
+    text = str(error)
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    nested = re.search(r"NestedArg\(key='([^']+)'", text)
+    reasons = [line.strip() for line in text.splitlines()
+               if line.strip().startswith(("Option ", "Expected a <class", "File does not exist", "Key "))]
+    if keys and reasons:  # a value the parser rejected
+        key = keys[0] if not nested else f"{keys[0]}.init_args.{nested.group(1)}"
+        return f"{key}: {reasons[0]}"
+    inner = _cause(error)
+    section = "data: " if "LightningDataModule" in text else "model: " if "LightningModule" in text else ""
+    message = " ".join(str(inner).split()) or type(inner).__name__
+    return f"{section}{message}" if section else f"{type(inner).__name__}: {message}"
+
+
 def main(args: list[str] | None = None) -> LightningCLI | dict:
     """Build the CLI; any LightningModule / LightningDataModule subclass can be named in a config.
 
-    ``tune`` runs a tuning study instead (its own validated config; it returns the best episode)."""
+    ``tune`` runs a tuning study instead (its own validated config; it returns the best episode). From the command
+    line (``args`` None) a bad config, checkpoint or model name ends with one line, ``Error: <key>: <why>``, and
+    exit status 2; ``--debug`` (or ``EXPERIENTIAL_AGENTS_DEBUG=1``) shows the whole traceback instead.
+    """
     argv = sys.argv[1:] if args is None else list(args)
+    debug = DEBUG_FLAG in argv or os.environ.get("EXPERIENTIAL_AGENTS_DEBUG") == "1"
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if args is not None or debug:
+        return _run(argv, parser_kwargs={})
+    try:
+        return _run(argv, parser_kwargs={"exit_on_error": False})
+    except USER_ERRORS as error:
+        print(f"Error: {one_line_error(error)}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(argv: list[str], parser_kwargs: dict) -> LightningCLI | dict:
     if argv[:1] == ["tune"]:
         from tuning.cli import main as tune
 
@@ -110,5 +157,6 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         auto_configure_optimizers=False,
+        parser_kwargs={"allow_abbrev": False, **parser_kwargs},  # `--seed_every 3` is not `--seed_everything 3`
         args=expand_config_bases(argv),
     )
