@@ -256,7 +256,8 @@ def test_benchmark_results_record_the_commit_and_library_versions():
     cli_runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli_runs)
     record = cli_runs.provenance()
-    assert set(record) == {"commit", "versions"} and torch.__version__.startswith(record["versions"]["torch"])
+    assert set(record) == {"commit", "dirty", "versions", "python"}
+    assert torch.__version__.startswith(record["versions"]["torch"])
     assert {"lightning", "torchmetrics", "optuna"} <= set(record["versions"])
     assert record["commit"] is None or len(record["commit"]) == 40  # None outside a git checkout
 
