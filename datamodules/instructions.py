@@ -99,13 +99,23 @@ def qa_text(pairs: list[tuple[str, str]]) -> str:
 
 
 def parse_qa_text(text: str) -> list[tuple[str, str]]:
-    """``(question, answer)`` pairs in a ``Q: ... A: ...`` text (what a model wrote; malformed lines skipped)."""
+    """``(question, answer)`` pairs in a ``Q: ... A: ...`` text (what a model wrote; malformed lines skipped).
+
+    A pair is ``Q:``, a question ending in ``?``, ``A:`` and an answer that runs to the next ``Q:`` or the end of
+    the line. Linear in the length of ``text`` (every line is split on ``Q:`` once)."""
     pairs = []
-    for match in re.finditer(r"Q:\s*(.+?\?)\s*A:\s*([^\n]+?)\s*(?=Q:|\n|$)", text):
-        question, answer = match.group(1).strip(), match.group(2).strip().rstrip(".")
-        if question and answer:
-            pairs.append((question, answer))
+    for line in text.splitlines():
+        for part in line.split("Q:")[1:]:
+            match = _QUESTION_END.search(part)
+            if match is None:
+                continue
+            question, answer = part[:match.start() + 1].strip(), part[match.end():].strip().rstrip(".")
+            if question and answer:
+                pairs.append((question, answer))
     return pairs
+
+
+_QUESTION_END = re.compile(r"\?\s*A:")  # the first "?" followed by "A:" ends a question
 
 
 def self_edit(person: Person, kind: str) -> str:

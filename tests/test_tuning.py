@@ -195,6 +195,41 @@ def test_extract_json_finds_the_object_in_prose():
             extract_json(bad)
 
 
+ADVERSARIAL_JSON = [
+    '{"a":' * 5000 + "1" + "}" * 5000,  # deeper than json reads: RecursionError inside
+    "[" * 100_000, "{" * 100_000, "}" * 100_000, '{"a":' * 20_000, '{"a":"' * 16_000, "{[}" * 33_000,
+    '{"a": ' + "9" * 100_000 + "}",  # an integer over Python's 4,300-digit limit
+    ('{"a":[' + "0," * 20) * 2_000, '"' + "{" * 100_000, "\\" * 100_000 + "{", "{" + "\\" * 100_000,
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL_JSON, ids=range(len(ADVERSARIAL_JSON)))
+def test_extract_json_raises_only_value_error_on_adversarial_text(text):
+    with pytest.raises(ValueError, match="no JSON object"):
+        extract_json(text)
+    # the object after the junk (or inside it, where the junk's braces stay open) is still found
+    assert extract_json(text + ' {"ok": 1}') == {"ok": 1}
+
+
+def test_extract_json_fuzz_raises_value_error_or_returns_a_dict():
+    rng = random.Random(0)
+    pieces = ["{", "}", "[", "]", '"', "\\", ":", ",", '"a"', "1", "9" * 50, " ", "\n", "x", '{"k": 1}']
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 2000)))
+        try:
+            assert isinstance(extract_json(text), dict)
+        except ValueError:
+            pass
+
+
+def test_parse_qa_text_on_long_adversarial_text():
+    assert parse_qa_text("Q:" * 32_000) == [] and parse_qa_text("Q: x" * 20_000 + "?") == []
+    assert parse_qa_text("Q: a? A: b " * 20_000) == [("a?", "b")] * 20_000
+    assert parse_qa_text("?" * 50_000 + " A: b") == [] and parse_qa_text("Q: " + "? " * 50_000) == []
+    assert parse_qa_text("Q: x? A: y\n" * 20_000) == [("x?", "y")] * 20_000
+    assert parse_qa_text("Q: Who? Q: Where is it? A: here. Q: no answer? A:") == [("Where is it?", "here")]
+
+
 # --- HTTP backend ---------------------------------------------------------------------------------------------
 class ChatHandler(BaseHTTPRequestHandler):
     requests: list = []
@@ -246,6 +281,19 @@ def test_http_backend_against_a_loopback_server(chat_server, monkeypatch):
         fallbacks.append(message["fallback"])
     assert "HTTP 500" in fallbacks[0] and fallbacks[1].startswith("ValueError")
     assert secret not in json.dumps(BackendSettings(api_key_env="TUNING_TEST_KEY").__dict__)
+
+
+def test_http_backend_reply_that_is_not_utf8_is_a_runtime_error(chat_server, monkeypatch):
+    def not_utf8(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b'{"choices": [{"message": {"content": "\xff\xfe"}}]}')
+
+    monkeypatch.setattr(ChatHandler, "do_POST", not_utf8)
+    backend = HTTPBackend(BackendSettings(kind="http", base_url=chat_server, retries=0))
+    with pytest.raises(RuntimeError, match="not UTF-8"):
+        backend.complete("system", "user")
 
 
 def test_http_backend_unreachable_falls_back():
