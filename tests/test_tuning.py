@@ -283,6 +283,39 @@ def test_http_backend_against_a_loopback_server(chat_server, monkeypatch):
     assert secret not in json.dumps(BackendSettings(api_key_env="TUNING_TEST_KEY").__dict__)
 
 
+def test_http_backend_sends_no_key_unless_its_variable_is_named(chat_server, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-ambient-key-must-not-leak")
+    assert BackendSettings().api_key_env is None
+    backend = HTTPBackend(BackendSettings(kind="http", base_url=chat_server, retries=0))
+    ChatHandler.replies = [(200, "{}")]
+    backend.complete("system", "user")
+    assert ChatHandler.requests[0]["auth"] is None
+
+
+@pytest.mark.parametrize("base_url", ["http://example.com/v1", "http://10.0.0.5:8000/v1", "http://127.0.0.1.nip.io/v1",
+                                      "http://[2001:db8::1]/v1"])
+def test_a_key_is_refused_over_plain_http_to_another_host(base_url, monkeypatch):
+    with pytest.raises(ValueError, match="clear text"):
+        BackendSettings(kind="http", base_url=base_url, api_key_env="OPENAI_API_KEY")
+    BackendSettings(kind="http", base_url=base_url)  # without a key: allowed
+    settings = BackendSettings(kind="http", base_url="https://api.example.com/v1", api_key_env="OPENAI_API_KEY")
+    settings.base_url = base_url  # changed after validation: the backend checks again
+    with pytest.raises(ValueError, match="clear text"):
+        HTTPBackend(settings)
+
+
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:80/v1",
+                                      "https://api.example.com/v1", "HTTPS://API.EXAMPLE.COM/v1"])
+def test_a_key_may_go_over_https_or_to_loopback(base_url):
+    HTTPBackend(BackendSettings(kind="http", base_url=base_url, api_key_env="OPENAI_API_KEY"))
+
+
+def test_base_url_must_be_http():
+    for bad in ["ftp://example.com/v1", "example.com/v1", "http:///v1"]:
+        with pytest.raises(ValueError, match="base_url"):
+            BackendSettings(base_url=bad)
+
+
 def test_http_backend_reply_that_is_not_utf8_is_a_runtime_error(chat_server, monkeypatch):
     def not_utf8(self):
         self.rfile.read(int(self.headers["Content-Length"]))
@@ -484,7 +517,7 @@ def test_tune_command_prints_its_config(capsys):
     with pytest.raises(SystemExit):
         main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--print_config"])
     config = capsys.readouterr().out
-    assert "method: agentic" in config and "api_key_env: OPENAI_API_KEY" in config
+    assert "method: agentic" in config and "api_key_env: null" in config
 
 
 def test_resume_after_a_kill_loses_no_finished_episode(tmp_path):

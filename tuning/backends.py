@@ -4,9 +4,11 @@ parses and validates it, and falls back to its rule when anything goes wrong."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -84,8 +86,10 @@ class BackendSettings:
     """The model: a hub name or local folder for ``local``; the served model name for ``http``."""
     base_url: str = "http://127.0.0.1:8000/v1"
     """Base URL of the HTTP endpoint (``.../v1``); ``/chat/completions`` is appended."""
-    api_key_env: str | None = "OPENAI_API_KEY"
-    """NAME of the environment variable holding the API key (the key itself is never stored or logged)."""
+    api_key_env: str | None = None
+    """NAME of the environment variable holding the API key, e.g. ``OPENAI_API_KEY`` (the key itself is never
+    stored or logged). No default: without a name no key is sent. A key is sent only over ``https``, or plain
+    ``http`` to a loopback host (``localhost``, ``127.0.0.1``, ``::1``)."""
     temperature: float = 0.2
     """Sampling temperature of LLM backends."""
     max_new_tokens: int = 256
@@ -102,6 +106,27 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.max_new_tokens < 1 or self.timeout_s <= 0 or self.retries < 0:
             raise ValueError("temperature >= 0, max_new_tokens >= 1, timeout_s > 0 and retries >= 0 are required")
+        check_key_transport(self.base_url, self.api_key_env)
+
+
+def check_key_transport(base_url: str, api_key_env: str | None) -> None:
+    """``ValueError`` unless ``base_url`` is ``http(s)://``, and, when a key variable is named, ``https://`` or
+    plain ``http://`` to a loopback host: a key must not cross a network in clear text."""
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    if api_key_env and url.scheme == "http" and not _loopback(url.hostname):
+        raise ValueError(f"api_key_env is set but base_url {base_url!r} is plain http to a non-loopback host: the key "
+                         "would be sent in clear text; use https, or unset api_key_env")
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
 
 
 class RuleBackend:
@@ -119,6 +144,7 @@ class HTTPBackend:
     name = "http"
 
     def __init__(self, settings: BackendSettings) -> None:
+        check_key_transport(settings.base_url, settings.api_key_env)  # the settings may have changed since
         self.settings = settings
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
 
