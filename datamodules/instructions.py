@@ -250,9 +250,11 @@ class InstructionDataModule(LightningDataModule):
         """
         super().__init__()
         if files and dataset:
-            raise ValueError("give either files or dataset, not both")
-        if batch_size < 1 or eval_batch_size < 1 or max_length < 16:
-            raise ValueError("batch_size and eval_batch_size must be >= 1, max_length >= 16")
+            raise ValueError("files must be left out when dataset is given (one source of examples)")
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("max_length", max_length, 16)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         if not 0.0 < val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
         self.save_hyperparameters()
@@ -272,9 +274,11 @@ class InstructionDataModule(LightningDataModule):
     def _generated(self) -> tuple[dict[str, list[Example]], list[Knowledge]]:
         hp = self.hparams
         held_out = hp.num_val_people + hp.num_test_people + hp.num_knowledge_people
-        if hp.num_people - held_out < 4 or min(hp.num_val_people, hp.num_knowledge_people) < 1:
-            raise ValueError(f"num_people ({hp.num_people}) must exceed the held-out people ({held_out}) by >= 4, "
-                             "with at least one validation and one knowledge person")
+        for name in ("num_val_people", "num_knowledge_people"):
+            if hp[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {hp[name]}")
+        if hp.num_people - held_out < 4:
+            raise ValueError(f"num_people must exceed the held-out people ({held_out}) by >= 4, got {hp.num_people}")
         people = generate_people(hp.num_people, hp.world_seed)
         rng = random.Random(hp.world_seed + 1)
         knowledge_people = people[:hp.num_knowledge_people]

@@ -7,9 +7,16 @@ first and this one overlays them, so an ablation file holds only what it changes
 
 from __future__ import annotations
 
+import argparse
 import copy
+import difflib
+import inspect
+import os
+import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -80,6 +87,101 @@ def expand_config_bases(argv: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     return out
+
+
+DEBUG_ENV = "TRAIN_DEBUG"
+"""``TRAIN_DEBUG=1``: a config error shows its traceback instead of one ``Error: <key>: <why>`` line."""
+
+
+class ConfigError(Exception):
+    """A config that cannot run: the dotted ``key`` it is about (``study.n_trials``) and ``why``."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+_UNKNOWN = (re.compile(r"Group '([^']+)' does not accept option '([^']+)'"),
+            re.compile(r"Option '([^']+)' is not accepted"))
+
+
+def config_error(error: BaseException, options: list[str] = ()) -> ConfigError:
+    """A parser's error (argparse / jsonargparse: unknown option, bad value, missing file) as a ``ConfigError``
+    naming the key; ``options`` (the parser's option strings) suggest the option an unknown one was close to."""
+    message = str(error)
+    unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
+    if unknown:
+        token = (unknown.group(1).split() or ["arguments"])[0]
+        if not token.startswith("-"):
+            return ConfigError(token, "unexpected argument")
+        name = token.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.85)
+        hint = f" (did you mean {close[0]}? options are never abbreviated)" if close else ""
+        return ConfigError(name.lstrip("-"), "unknown option" + hint)
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if match:
+            return ConfigError(".".join(match.groups()), "unknown option")
+    value = re.match(r'Parser key "([^"]+)":?(.*)', message, re.S)
+    if value:
+        return ConfigError(value.group(1), _one_line(value.group(2)))
+    return ConfigError("arguments", _one_line(message))
+
+
+def parse_naming_keys(parser, argv: list[str] | None):
+    """``parser.parse_args(argv)``; a ``ConfigError`` naming the key of an unknown option or a bad value."""
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as error:
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        raise config_error(error, options) from error
+
+
+def settings_error(error: BaseException, section: str, cls: type) -> ConfigError:
+    """A settings class's refusal (``ValueError`` / ``FileNotFoundError`` from its ``__init__``) as a
+    ``ConfigError``: ``section.field`` when the message starts with ``<field> must``, else ``section``."""
+    match = re.match(r"([A-Za-z_]\w*)((?:\.\w+)*) must (.*)", str(error), re.S)
+    if match and match.group(1) in inspect.signature(cls).parameters:
+        return ConfigError(f"{section}.{match.group(1)}{match.group(2)}", _one_line("must " + match.group(3)))
+    return ConfigError(section, _one_line(error))
+
+
+def instantiate_naming_keys(parser, config, sections: dict[str, type]):
+    """``parser.instantiate(config)``; a ``ConfigError`` naming the key when one of ``sections`` (dotted config
+    key -> settings class) refuses its values, even from inside a union that jsonargparse reports as a whole."""
+    refused: list[ConfigError] = []
+
+    def instantiator(section: str):
+        def make(cls, *args, **kwargs):
+            try:
+                return cls(*args, **kwargs)
+            except (ValueError, FileNotFoundError) as error:
+                refused.append(settings_error(error, section, cls))
+                raise
+        return make
+
+    try:
+        return parser.instantiate(config, instantiators=[(instantiator(k), c, False) for k, c in sections.items()])
+    except (ValueError, FileNotFoundError) as error:
+        raise (refused[0] if refused else ConfigError("arguments", _one_line(error))) from error
+
+
+@contextmanager
+def one_line_config_errors() -> Iterator[None]:
+    """Inside: a ``ConfigError`` ends the command with ``Error: <key>: <why>`` on stderr and exit
+    status 2, with no traceback unless ``TRAIN_DEBUG`` is set."""
+    try:
+        yield
+    except ConfigError as error:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class ExperimentCLI(LightningCLI):

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from datamodules.instructions import InstructionDataModule, parse_qa_text, qa_text
-from experiment.cli import main
+from experiment.cli import ConfigError, main
 from lightning_modules.lm_phase import warmup_then_decay
 from models.lm_factory import LoraSettings, build_causal_lm
 from tests.conftest import REPO
@@ -489,16 +489,56 @@ def test_default_study_runs_end_to_end_offline(tmp_path):
     assert len(optuna.load_study(study_name="agentic-lora", storage=f"sqlite:///{tmp_path}/study.db").trials) == 3
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--study.no_such_key", "1"], "no_such_key"),
-    (["--study.n_trials", "0"], "n_trials"),
-    (["--agents.kind", "psychic"], "psychic"),
-    (["--config", "configs/tuning/missing.yaml"], "missing.yaml"),
+@pytest.mark.parametrize("args,key", [
+    (["--study.no_such_key", "1"], "study.no_such_key"),
+    (["--study.n_trial", "3"], "study.n_trial"),  # an abbreviation is not --study.n_trials
+    (["--study.n_trials", "0"], "study.n_trials"),
+    (["--study.grace_period", "2"], "study.grace_period"),
+    (["--seal.lr", "-1"], "seal.lr"),
+    (["--data.max_length", "3"], "data.max_length"),
+    (["--trial.max_steps", "0"], "trial.max_steps"),
+    (["--trial.lm.lora.r", "0"], "trial.lm.lora"),
+    (["--agents.kind", "psychic"], "agents.kind"),
+    (["--agents.timeout_s", "0"], "agents.timeout_s"),
+    (["--study", "{bogus: 1}"], "study.bogus"),
+    (["--config", "configs/tuning/missing.yaml"], "config"),
 ])
-def test_tune_command_rejects_bad_input(args, message, capsys):
-    with pytest.raises(SystemExit):
+def test_tune_command_rejects_bad_input_in_one_line(args, key, capsys, monkeypatch):
+    monkeypatch.delenv("TRAIN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
         main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), *args])
-    assert message in capsys.readouterr().err
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: {key}: ") and err.count("\n") == 1 and len(err.split(": ", 2)[2]) > 3, err
+
+
+def test_tune_command_reports_an_unknown_key_of_a_config_file(tmp_path, capsys):
+    config = tmp_path / "extra.yaml"
+    config.write_text("study:\n  n_trials: 2\n  bogus: 1\n")
+    with pytest.raises(SystemExit):
+        main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--config", str(config)])
+    assert capsys.readouterr().err == "Error: study.bogus: unknown option\n"
+
+
+def test_tune_command_config_error_traceback_with_train_debug(monkeypatch):
+    monkeypatch.setenv("TRAIN_DEBUG", "1")
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--study.n_trials", "0"])
+
+
+def test_export_only_of_a_missing_study_creates_nothing(tmp_path, capsys):
+    storage = tmp_path / "nothing" / "study.db"
+    with pytest.raises(SystemExit):
+        main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--export_only", "true",
+              "--study.storage", f"sqlite:///{storage}", "--study.export_messages", str(tmp_path / "m.jsonl")])
+    assert capsys.readouterr().err.startswith("Error: study.storage: no database file")
+    assert list(tmp_path.iterdir()) == []
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    with pytest.raises(SystemExit):
+        main(["tune", "--config", str(REPO / "configs/tuning/default.yaml"), "--export_only", "true",
+              "--study.storage", f"sqlite:///{tmp_path / 'study.db'}", "--study.export_messages", str(tmp_path / "m")])
+    assert capsys.readouterr().err == f"Error: study.study_name: no study named 'agentic-lora' in sqlite:///{tmp_path}/study.db\n"
+    assert not (tmp_path / "m").exists()
 
 
 def test_settings_defaults_are_the_default_config():

@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tuning.space import check_minimums
+
 
 def extract_json(text: str) -> dict[str, Any]:
     """The first JSON object in ``text``: the whole text, else the first top-level balanced ``{...}`` that parses
@@ -104,8 +106,7 @@ class BackendSettings:
     """Let a local model run code shipped with it (off unless you opt in)."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.max_new_tokens < 1 or self.timeout_s <= 0 or self.retries < 0:
-            raise ValueError("temperature >= 0, max_new_tokens >= 1, timeout_s > 0 and retries >= 0 are required")
+        check_minimums(self, {"temperature": 0, "max_new_tokens": 1, "retries": 0}, above={"timeout_s": 0})
         check_key_transport(self.base_url, self.api_key_env)
 
 
@@ -116,8 +117,8 @@ def check_key_transport(base_url: str, api_key_env: str | None) -> None:
     if url.scheme not in ("http", "https") or not url.hostname:
         raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
     if api_key_env and url.scheme == "http" and not _loopback(url.hostname):
-        raise ValueError(f"api_key_env is set but base_url {base_url!r} is plain http to a non-loopback host: the key "
-                         "would be sent in clear text; use https, or unset api_key_env")
+        raise ValueError(f"api_key_env must be unset for base_url {base_url!r}: plain http to a non-loopback host "
+                         "would carry the key in clear text (use https)")
 
 
 def _loopback(host: str) -> bool:

@@ -26,7 +26,7 @@ from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalt
 from tuning.backends import BackendSettings, make_backend
 from tuning.qa import evaluate_qa
 from tuning.seal import SealSettings, seal_stage
-from tuning.space import SPACE, suggest
+from tuning.space import SPACE, check_minimums, suggest
 from tuning.trial import TrialSettings, run_trial
 
 # Heartbeats and stale-trial retries are marked experimental by Optuna; they are what resume relies on.
@@ -70,10 +70,11 @@ class StudySettings:
     """Write every agent message of the study to this JSONL file at the end (``null``: don't)."""
 
     def __post_init__(self) -> None:
-        if self.n_trials < 1 or self.force_min_episodes < 0 or self.patience < 1 or self.tpe_startup_trials < 1:
-            raise ValueError("n_trials, patience and tpe_startup_trials must be >= 1, force_min_episodes >= 0")
-        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
-            raise ValueError("heartbeat_interval must be >= 1 and grace_period > heartbeat_interval")
+        check_minimums(self, {"n_trials": 1, "force_min_episodes": 0, "patience": 1, "tpe_startup_trials": 1,
+                              "heartbeat_interval": 1, "max_retry": 0})
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period must be > heartbeat_interval ({self.heartbeat_interval}), "
+                             f"got {self.grace_period}")
         if self.storage.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql"):
             raise ValueError(f"storage must be a sqlite:///, postgresql:// or mysql:// URL, got {self.storage!r}")
 
