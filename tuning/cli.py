@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from optuna.trial import TrialState
 
 from datamodules.instructions import InstructionDataModule
 from experiment.cli import ConfigError, instantiate_naming_keys, one_line_config_errors, parse_naming_keys
@@ -61,7 +62,26 @@ def main(argv: list[str] | None = None) -> dict:
     summary = best_summary(study)
     print(json.dumps(summary))
     sys.stdout.flush()
+    short = shortfall(study, init.study.n_trials)
+    if short:
+        print(f"Error: {short}", file=sys.stderr)
+        raise SystemExit(1)
     return summary
+
+
+def shortfall(study: optuna.Study, n_trials: int) -> str | None:
+    """Why the study ended with fewer than ``n_trials`` finished episodes (``None`` when it has them, or when the
+    Judge stopped it): the count of failed trials and the last one's error."""
+    if "stop" in study.user_attrs:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state == TrialState.COMPLETE for t in trials)
+    if finished >= n_trials:
+        return None
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    last = next((t.user_attrs["error"] for t in reversed(failed) if "error" in t.user_attrs), "no error recorded")
+    return (f"study {study.study_name!r}: {finished} of {n_trials} episodes finished, {len(failed)} trials failed "
+            f"(last: {' '.join(last.split())}); run the same command again to continue")
 
 
 def stored_study(settings: StudySettings) -> optuna.Study:
