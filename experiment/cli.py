@@ -7,12 +7,16 @@ first and this one overlays them, so an ablation file holds only what it changes
 
 from __future__ import annotations
 
+import argparse
 import copy
+import difflib
+import inspect
 import os
 import re
 import sys
 import warnings
-from argparse import ArgumentError
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -24,7 +28,7 @@ from experiment.save_config import RunConfigSaver
 CONFIG_FLAGS = ("--config", "-c")
 DEBUG_FLAG = "--debug"
 # Problems with what the user gave (a config value, a file, a model name, a diverged run): one line, not a traceback.
-USER_ERRORS = (ArgumentError, ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError, KeyError)
+USER_ERRORS = (argparse.ArgumentError, ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError, KeyError)
 # Flat LM arguments of run configs saved before the LM settings were one ``lm`` object.
 LEGACY_LM_KEYS = ("model_name", "hidden_size", "num_layers", "num_heads", "load_in_4bit", "trust_remote_code")
 LEGACY_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -88,6 +92,102 @@ def expand_config_bases(argv: list[str]) -> list[str]:
     return out
 
 
+DEBUG_ENV = "EXPERIENTIAL_AGENTS_DEBUG"
+"""``EXPERIENTIAL_AGENTS_DEBUG=1`` (or ``--debug``): an error shows its traceback instead of one
+``Error: <key>: <why>`` line."""
+
+
+class ConfigError(Exception):
+    """A config that cannot run: the dotted ``key`` it is about (``study.n_trials``) and ``why``."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+_UNKNOWN = (re.compile(r"Group '([^']+)' does not accept option '([^']+)'"),
+            re.compile(r"Option '([^']+)' is not accepted"))
+
+
+def config_error(error: BaseException, options: list[str] = ()) -> ConfigError:
+    """A parser's error (argparse / jsonargparse: unknown option, bad value, missing file) as a ``ConfigError``
+    naming the key; ``options`` (the parser's option strings) suggest the option an unknown one was close to."""
+    message = str(error)
+    unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
+    if unknown:
+        token = (unknown.group(1).split() or ["arguments"])[0]
+        if not token.startswith("-"):
+            return ConfigError(token, "unexpected argument")
+        name = token.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.85)
+        hint = f" (did you mean {close[0]}? options are never abbreviated)" if close else ""
+        return ConfigError(name.lstrip("-"), "unknown option" + hint)
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if match:
+            return ConfigError(".".join(match.groups()), "unknown option")
+    value = re.match(r'Parser key "([^"]+)":?(.*)', message, re.S)
+    if value:
+        return ConfigError(value.group(1), _one_line(value.group(2)))
+    return ConfigError("arguments", _one_line(message))
+
+
+def parse_naming_keys(parser, argv: list[str] | None):
+    """``parser.parse_args(argv)``; a ``ConfigError`` naming the key of an unknown option or a bad value."""
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as error:
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        raise config_error(error, options) from error
+
+
+def settings_error(error: BaseException, section: str, cls: type) -> ConfigError:
+    """A settings class's refusal (``ValueError`` / ``FileNotFoundError`` from its ``__init__``) as a
+    ``ConfigError``: ``section.field`` when the message starts with ``<field> must``, else ``section``."""
+    match = re.match(r"([A-Za-z_]\w*)((?:\.\w+)*) must (.*)", str(error), re.S)
+    if match and match.group(1) in inspect.signature(cls).parameters:
+        return ConfigError(f"{section}.{match.group(1)}{match.group(2)}", _one_line("must " + match.group(3)))
+    return ConfigError(section, _one_line(error))
+
+
+def instantiate_naming_keys(parser, config, sections: dict[str, type]):
+    """``parser.instantiate(config)``; a ``ConfigError`` naming the key when one of ``sections`` (dotted config
+    key -> settings class) refuses its values, even from inside a union that jsonargparse reports as a whole."""
+    refused: list[ConfigError] = []
+
+    def instantiator(section: str):
+        def make(cls, *args, **kwargs):
+            try:
+                return cls(*args, **kwargs)
+            except (ValueError, FileNotFoundError) as error:
+                refused.append(settings_error(error, section, cls))
+                raise
+        return make
+
+    try:
+        return parser.instantiate(config, instantiators=[(instantiator(k), c, False) for k, c in sections.items()])
+    except (ValueError, FileNotFoundError) as error:
+        raise (refused[0] if refused else ConfigError("arguments", _one_line(error))) from error
+
+
+@contextmanager
+def one_line_config_errors() -> Iterator[None]:
+    """Inside: a ``ConfigError`` ends the command with ``Error: <key>: <why>`` on stderr and exit
+    status 2, with no traceback unless ``EXPERIENTIAL_AGENTS_DEBUG`` is set (``--debug``)."""
+    try:
+        yield
+    except ConfigError as error:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class ExperimentCLI(LightningCLI):
     """LightningCLI whose configs may name the configs they overlay (``base``)."""
 
@@ -132,7 +232,9 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
     exit status 2; ``--debug`` (or ``EXPERIENTIAL_AGENTS_DEBUG=1``) shows the whole traceback instead.
     """
     argv = sys.argv[1:] if args is None else list(args)
-    debug = DEBUG_FLAG in argv or os.environ.get("EXPERIENTIAL_AGENTS_DEBUG") == "1"
+    if DEBUG_FLAG in argv:
+        os.environ[DEBUG_ENV] = "1"  # the tune command reads it too
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
     if args is not None or debug:
         return _run(argv, parser_kwargs={})

@@ -131,10 +131,12 @@ class Tuner(Agent):
 
     def rule(self, ctx: Context) -> dict[str, Any]:
         best = ctx.best()
-        if best is None:
+        in_flight = ctx.extra.get("in_flight", [])  # configurations other workers are running now
+        if best is None and DEFAULT_HPARAMS not in in_flight:
             return {"say": "First episode: the default configuration.", "hparams": dict(DEFAULT_HPARAMS),
                     "seal_plan": {"seal_epochs": 1}}
-        base = dict(best["hparams"])
+        base = dict(best["hparams"] if best else DEFAULT_HPARAMS)
+        origin = f"the best episode {best['episode']}" if best else "the default configuration (running elsewhere)"
         start = ctx.extra.get("started", ctx.episode)
         for offset in range(len(COORDINATES)):
             name = COORDINATES[(start + offset) % len(COORDINATES)]
@@ -142,9 +144,9 @@ class Tuner(Agent):
             direction = 1 if previous is None else (previous[0] if previous[1] else -previous[0])
             for d in (direction, -direction):  # at a bound, go the other way
                 value = step(name, base[name], d)
-                if value != base[name]:
+                if value != base[name] and base | {name: value} not in in_flight:
                     proposal = base | {name: value}
-                    say = f"From the best episode {best['episode']}: {name} {base[name]} -> {value}."
+                    say = f"From {origin}: {name} {base[name]} -> {value}."
                     return {"say": say, "hparams": proposal, "seal_plan": {"seal_epochs": 1},
                             "move": {"param": name, "direction": d}}
         return {"say": "Every neighbour was tried; repeat the best.", "hparams": base, "seal_plan": {"seal_epochs": 1}}

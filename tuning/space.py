@@ -51,6 +51,16 @@ def describe_space() -> str:
     return ", ".join(parts)
 
 
+def check_minimums(owner: Any, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None) -> None:
+    """``ValueError("<field> must be >= <low>, got <value>")`` (``> <low>`` for ``above``) for the first field of
+    ``owner`` out of range: the message starts with the field's name, so the command line can name the key."""
+    for bounds, strict in ((at_least or {}, False), (above or {}, True)):
+        for name, low in bounds.items():
+            value = getattr(owner, name)
+            if value < low or (strict and value == low):
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
 class SchemaError(ValueError):
     """An agent output that does not fit its schema (after clamping what can be clamped)."""
 

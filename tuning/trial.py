@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import DEFAULT_CACHE, TINY_ARCHITECTURES, LMSettings, LoraSettings, merged_state_dict
+from tuning.space import check_minimums
 
 SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,9 +57,10 @@ class TrialSettings:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or >= 1, got {self.max_steps}")
         if self.lm.lora is None:
-            raise ValueError("trial.lm.lora must name the adapter's target modules: every trial trains a LoRA")
-        if self.pretrain_steps < 0 or self.pretrain_lr <= 0 or (self.threads is not None and self.threads < 1):
-            raise ValueError("pretrain_steps must be >= 0, pretrain_lr > 0 and threads >= 1")
+            raise ValueError("lm.lora must name the adapter's target modules: every trial trains a LoRA")
+        check_minimums(self, {"pretrain_steps": 0}, above={"pretrain_lr": 0})
+        if self.threads is not None:
+            check_minimums(self, {"threads": 1})
 
 
 def quiet_lightning() -> None:
