@@ -1,0 +1,98 @@
+"""LeWorld's reliability: non-finite weights never train on or reach a checkpoint."""
+
+import re
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from datamodules.leworld_data import LeWorldDataModule
+from lightning_modules.guarded import NonFiniteGuard
+from lightning_modules.leworld import LeWorldBaseline, LeWorldPhase1, LeWorldPhase2, LeWorldPhase3
+from models.leworld import BigLeWorldModel
+from tests.test_leworld import TINY_DATA, make_trainer, tiny_system
+
+
+def make_module(name: str):
+    if name == "baseline":
+        return LeWorldBaseline(BigLeWorldModel(16, 0, 16, 8, 16, 1, 2, 8))
+    return {"phase1": LeWorldPhase1, "phase2": LeWorldPhase2, "phase3": LeWorldPhase3}[name](tiny_system())
+
+
+class InjectNaN(Callback):
+    """Writes a NaN into one trained weight before the step ``at_step`` (and every later step with ``repeat``)."""
+
+    def __init__(self, at_step: int, repeat: bool = False) -> None:
+        self.at_step, self.repeat, self.injected = at_step, repeat, 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step or (self.repeat and trainer.global_step > self.at_step):
+            with torch.no_grad():
+                next(p for p in module.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+            self.injected += 1
+
+
+def all_finite(tensors) -> bool:
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+# --- non-finite weights -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["phase1", "phase2", "phase3", "baseline"])
+def test_an_injected_nan_is_rolled_back_and_never_reaches_a_checkpoint(tmp_path, name):
+    L.seed_everything(0)
+    module, inject = make_module(name), InjectNaN(at_step=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="run", every_n_train_steps=1)
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[inject, checkpoint])
+    trainer.fit(module, LeWorldDataModule(**TINY_DATA))
+    assert inject.injected == 1 and trainer.global_step == 6
+    assert all_finite(module.state_dict().values()), "training went on with non-finite weights"
+    assert all_finite(torch.load(tmp_path / "run.ckpt", weights_only=True)["state_dict"].values())
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert guard.skipped == 1
+
+
+def test_repeated_nans_stop_training_with_a_clear_error_and_no_non_finite_checkpoint(tmp_path):
+    L.seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="run-{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = make_trainer(tmp_path, max_steps=20, callbacks=[InjectNaN(at_step=3, repeat=True), checkpoint])
+    with pytest.raises(FloatingPointError, match="in a row"):
+        trainer.fit(LeWorldPhase2(tiny_system()), LeWorldDataModule(**TINY_DATA))
+    written = sorted(tmp_path.glob("run-*.ckpt"))
+    assert written
+    for path in written:
+        assert all_finite(torch.load(path, weights_only=True)["state_dict"].values()), path.name
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_init_from_refuses_a_non_finite_checkpoint_naming_the_file(tmp_path):
+    state = {f"system.{k}": v.clone() for k, v in tiny_system().state_dict().items()}
+    next(v for v in state.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    path = tmp_path / "nan_phase1.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as excinfo:
+        LeWorldPhase2(tiny_system(), init_from=str(path))
+    assert "non-finite" in one_line_error(excinfo)
+
+
+def test_init_from_an_empty_file_is_a_one_line_error_naming_it(tmp_path):
+    path = tmp_path / "empty.ckpt"
+    path.touch()
+    with pytest.raises(ValueError, match=re.escape(str(path))) as excinfo:
+        LeWorldPhase2(tiny_system(), init_from=str(path))
+    one_line_error(excinfo)
+
+
+def test_init_from_a_checkpoint_of_another_size_names_the_file_and_the_first_mismatching_tensors(tmp_path):
+    path = tmp_path / "small.ckpt"
+    torch.save({"state_dict": {f"system.{k}": v for k, v in tiny_system().state_dict().items()}}, path)
+    with pytest.raises(ValueError, match=re.escape(str(path))) as excinfo:
+        LeWorldPhase2(tiny_system(slm_d_model=32), init_from=str(path))
+    message = one_line_error(excinfo)
+    assert re.search(r"slms\.0\.\S+ \(16.*\) .*\(32.*\)", message), message
