@@ -1,4 +1,5 @@
-"""LeWorld's reliability: non-finite weights never train on or reach a checkpoint."""
+"""LeWorld's reliability: non-finite weights never train on or reach a checkpoint, checkpoints of another phase are
+refused."""
 
 import re
 
@@ -9,10 +10,16 @@ from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.leworld_data import LeWorldDataModule
+from experiment.cli import main
 from lightning_modules.guarded import NonFiniteGuard
 from lightning_modules.leworld import LeWorldBaseline, LeWorldPhase1, LeWorldPhase2, LeWorldPhase3
 from models.leworld import BigLeWorldModel
+from tests.conftest import REPO
 from tests.test_leworld import TINY_DATA, make_trainer, tiny_system
+from tests.test_leworld_modules import TINY_SYSTEM
+
+CONFIGS = REPO / "configs" / "leworld"
+TINY_BLM = dict(state_dim=16, slot_hidden=16, d_read=8, d_model=16, num_layers=1, num_heads=2, info_dim=8)
 
 
 def make_module(name: str):
@@ -96,3 +103,31 @@ def test_init_from_a_checkpoint_of_another_size_names_the_file_and_the_first_mis
         LeWorldPhase2(tiny_system(slm_d_model=32), init_from=str(path))
     message = one_line_error(excinfo)
     assert re.search(r"slms\.0\.\S+ \(16.*\) .*\(32.*\)", message), message
+
+
+# --- checkpoints of another phase or run ------------------------------------------------------------------------
+def tiny_args(config: str) -> list[str]:
+    """Command-line overrides that shrink a LeWorld config's data and model."""
+    args = [f"--data.init_args.{k}={v}" for k, v in TINY_DATA.items()]
+    if config in ("no_memory.yaml", "oracle.yaml"):
+        args += [f"--model.init_args.blm.init_args.{k}={v}" for k, v in TINY_BLM.items()]
+        if config == "oracle.yaml":
+            args += [f"--model.init_args.memory.init_args.{k}={v}"
+                     for k, v in dict(num_words=256, word_size=8, max_read_range=16, d_read=8).items()]
+    else:
+        args += [f"--model.init_args.system.init_args.{k}={v}" for k, v in TINY_SYSTEM.items()]
+    return args + ["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+                   "--trainer.enable_model_summary=false", "--trainer.logger=false"]
+
+
+def fit_config(config: str, *args: str):
+    return main(["fit", "--config", str(CONFIGS / config), *tiny_args(config), *args])
+
+
+def test_resuming_another_phases_checkpoint_is_refused_and_keeps_its_file(in_tmp):
+    fit_config("phase1.yaml", "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    phase1 = in_tmp / "checkpoints" / "leworld" / "phase1.ckpt"
+    assert phase1.is_file()
+    with pytest.raises(ValueError, match=r"LeWorldPhase1.*LeWorldPhase2"):
+        fit_config("phase2.yaml", "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--ckpt_path", str(phase1))
+    assert phase1.is_file() and not (phase1.parent / "phase2.ckpt").exists()
