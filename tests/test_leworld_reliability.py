@@ -1,7 +1,8 @@
 """LeWorld's reliability: non-finite weights never train on or reach a checkpoint, checkpoints of another phase are
-refused."""
+refused and checkpoint folders keep other runs' files."""
 
 import re
+import shutil
 
 import lightning as L
 import pytest
@@ -131,3 +132,16 @@ def test_resuming_another_phases_checkpoint_is_refused_and_keeps_its_file(in_tmp
     with pytest.raises(ValueError, match=r"LeWorldPhase1.*LeWorldPhase2"):
         fit_config("phase2.yaml", "--trainer.max_steps=4", "--trainer.val_check_interval=2", "--ckpt_path", str(phase1))
     assert phase1.is_file() and not (phase1.parent / "phase2.ckpt").exists()
+
+
+def test_a_run_never_deletes_a_checkpoint_it_did_not_write(in_tmp):
+    fit_config("phase2.yaml", "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    phase2 = in_tmp / "checkpoints" / "leworld" / "phase2.ckpt"
+    copy = in_tmp / "elsewhere" / "phase2.ckpt"
+    copy.parent.mkdir()
+    shutil.copy(phase2, copy)
+    # A run of the same class, resumed from that copy, writes its own file in the same folder.
+    fit_config("ablation_no_phase1.yaml", "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+               "--ckpt_path", str(copy))
+    assert (phase2.parent / "ablation_no_phase1.ckpt").is_file()
+    assert phase2.is_file(), "the resumed run deleted the checkpoint another run wrote"
