@@ -1,5 +1,5 @@
 """LeWorld's reliability: non-finite weights never train on or reach a checkpoint, checkpoints of another phase are
-refused and checkpoint folders keep other runs' files."""
+refused, checkpoint folders keep other runs' files and a resume at any step equals the uninterrupted run."""
 
 import re
 import shutil
@@ -145,3 +145,38 @@ def test_a_run_never_deletes_a_checkpoint_it_did_not_write(in_tmp):
                "--ckpt_path", str(copy))
     assert (phase2.parent / "ablation_no_phase1.ckpt").is_file()
     assert phase2.is_file(), "the resumed run deleted the checkpoint another run wrote"
+
+
+# --- resume -----------------------------------------------------------------------------------------------------
+class RecordLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+
+def fit_recording(folder, name, max_steps, checkpoint=None, ckpt_path=None, **trainer_args):
+    L.seed_everything(0)
+    module, record = make_module(name), RecordLosses()
+    callbacks = [record] + ([checkpoint] if checkpoint else [])
+    make_trainer(folder, max_steps=max_steps, callbacks=callbacks, **trainer_args).fit(
+        module, LeWorldDataModule(**TINY_DATA), ckpt_path=ckpt_path)
+    return module, record.losses
+
+
+@pytest.mark.parametrize("name,saved_at", [("phase2", "train_batch_end"), ("phase3", "validation_end")])
+def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path, name, saved_at):
+    # 4 batches an epoch: step 5 is the first batch of the second epoch; the run ends at step 7.
+    if saved_at == "train_batch_end":
+        checkpoint, args = dict(every_n_train_steps=5), dict(val_check_interval=100, check_val_every_n_epoch=None)
+    else:
+        checkpoint, args = {}, dict(val_check_interval=5, check_val_every_n_epoch=None)
+    full, full_losses = fit_recording(tmp_path / "full", name, 7, **args)
+    saving = ModelCheckpoint(dirpath=tmp_path / "half", filename="at5", **checkpoint)
+    fit_recording(tmp_path / "half", name, 5, checkpoint=saving, **args)
+    at5 = str(tmp_path / "half" / "at5.ckpt")
+    resumed, resumed_losses = fit_recording(tmp_path / "resumed", name, 7, ckpt_path=at5, **args)
+    assert resumed_losses == {k: v for k, v in full_losses.items() if k > 5}
+    for (key, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), key
