@@ -1,5 +1,6 @@
 """LeWorld's reliability: non-finite weights never train on or reach a checkpoint, checkpoints of another phase are
-refused, checkpoint folders keep other runs' files and a resume at any step equals the uninterrupted run."""
+refused, checkpoint folders keep other runs' files, a resume at any step equals the uninterrupted run, and short runs
+of every config finish."""
 
 import re
 import shutil
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.leworld_data import LeWorldDataModule
 from experiment.cli import main
+from lightning_modules.checkpointing import RunCheckpoint
 from lightning_modules.guarded import NonFiniteGuard
 from lightning_modules.leworld import LeWorldBaseline, LeWorldPhase1, LeWorldPhase2, LeWorldPhase3
 from models.leworld import BigLeWorldModel
@@ -178,5 +180,26 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run(tmp_path, name, saved_at)
     at5 = str(tmp_path / "half" / "at5.ckpt")
     resumed, resumed_losses = fit_recording(tmp_path / "resumed", name, 7, ckpt_path=at5, **args)
     assert resumed_losses == {k: v for k, v in full_losses.items() if k > 5}
+    for (key, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), key
+
+
+# --- short runs -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_config_survives_a_run_that_stops_before_its_first_validation_and_leaves_its_checkpoint(in_tmp, config):
+    run = fit_config(config, "--trainer.max_steps=3")
+    assert run.trainer.global_step == 3
+    written = torch.load(in_tmp / "checkpoints" / "leworld" / config.replace(".yaml", ".ckpt"), weights_only=True)
+    assert written["global_step"] == 3  # not a stale file of an earlier run, which the next phase would start from
+
+
+def test_a_short_run_resumed_from_its_final_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    args = dict(val_check_interval=100, check_val_every_n_epoch=None)  # as the configs: no validation in 3 steps
+    full, full_losses = fit_recording(tmp_path / "full", "phase2", 7, **args)
+    saving = RunCheckpoint(dirpath=tmp_path / "short", filename="p")
+    fit_recording(tmp_path / "short", "phase2", 3, checkpoint=saving, **args)
+    resumed, resumed_losses = fit_recording(tmp_path / "resumed", "phase2", 7, ckpt_path=str(tmp_path / "short/p.ckpt"),
+                                            **args)
+    assert resumed_losses == {k: v for k, v in full_losses.items() if k > 3}
     for (key, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), key
