@@ -1,14 +1,20 @@
-"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log."""
+"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log; the
+provenance that every benchmark's results file records."""
 
 from __future__ import annotations
 
 import csv
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
+
+LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
+
 
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
@@ -66,22 +72,33 @@ def _with_threads(threads: int, fn: Callable, call: tuple):
     return fn(*call)
 
 
-def provenance(packages: tuple[str, ...] = ("torch", "lightning", "torchmetrics", "transformers")) -> dict:
-    """What produced a result: ``{"commit": <git HEAD of this repository, None outside git>, "versions":
-    {package: version}}`` for the installed ones of ``packages``."""
-    import subprocess
-    from importlib.metadata import PackageNotFoundError, version
+def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
+    """Where a results file comes from: the repository's commit (``None`` outside git), whether tracked files had
+    uncommitted changes, the versions of ``packages`` (those importable) and Python's."""
+    import platform
+    from importlib import util
 
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        commit = commit.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None  # tracked files only
     versions = {}
     for name in packages:
         try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return {"commit": commit, "versions": versions}
+            if util.find_spec(name) is not None:
+                versions[name] = metadata.version(name)
+        except (ImportError, ValueError, metadata.PackageNotFoundError):
+            pass
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": bool(status and status.strip()),
+        "versions": versions,
+        "python": platform.python_version(),
+    }

@@ -11,6 +11,8 @@ Appends every finished run to ``<out>/early_experience_runs.jsonl`` as it ends, 
 ``<out>/early_experience.json`` (per-run validation curves and test metrics, and their summary) and
 ``docs/figures/early_experience_success.png`` (success over training, mean and range over seeds); the last line
 printed is ``early_experience: il=<x> iwm_il=<y> sr=<z> best_held_out=<w>`` (mean held-out test success).
+Each run line and the JSON file record ``provenance`` (commit, uncommitted changes, library and Python versions;
+see ``cli_runs.provenance``); a run summarised from an older JSONL file has none.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import csv_column, in_processes, run_phase  # noqa: E402
+from cli_runs import csv_column, in_processes, provenance, run_phase  # noqa: E402
 
 RECIPES = {"il": "web_shop_il.yaml", "iwm_il": "web_shop_iwm_il.yaml", "sr": "web_shop_sr.yaml"}
 SPLITS = ("train", "held_out", "out_of_domain")
@@ -108,27 +110,30 @@ def main() -> None:
     parser.add_argument("extra", nargs="*", help="further CLI overrides for every run, after --")
     args = parser.parse_args()
 
+    source = provenance()  # of the code that runs (or summarises), taken before anything is written
     if args.summarise:
         runs = [json.loads(line) for path in args.summarise for line in open(path) if line.strip()]
-        return report(runs, args)
+        return report(runs, args, source)
     calls = [(recipe, seed, args.extra) for recipe in args.recipes for seed in args.seeds]  # first recipe first
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = []
     # Each finished run is appended at once, so an interrupted benchmark keeps what it measured.
     with open(Path(args.out) / "early_experience_runs.jsonl", "a") as log:
         for result in in_processes(run, calls, args.jobs, args.threads):
+            result["provenance"] = source
             runs.append(result)
             log.write(json.dumps(result) + "\n")
             log.flush()
-    report(runs, args)
+    report(runs, args, source)
 
 
-def report(runs: list[dict], args: argparse.Namespace) -> None:
-    """Write the summary and the plot; print the table and the last line."""
+def report(runs: list[dict], args: argparse.Namespace, source: dict) -> None:
+    """Write the summary (with ``source``, the provenance of this process) and the plot; print the table and the
+    last line."""
     runs.sort(key=lambda r: (list(RECIPES).index(r["recipe"]), r["seed"]))
     table = summarise(runs)
     with open(Path(args.out) / "early_experience.json", "w") as handle:
-        json.dump({"runs": runs, "summary": table}, handle, indent=1)
+        json.dump({"provenance": source, "runs": runs, "summary": table}, handle, indent=1)
     plot(runs, Path(args.figure))
     for recipe, metrics in table.items():
         cells = "  ".join(

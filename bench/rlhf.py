@@ -13,6 +13,10 @@ the agentic SFT model's tool-call accuracy. Writes ``<out>/rlhf.json`` (``<out>/
 phase (the sweep in ``docs/rlhf.md``); ``--plot <png>`` draws the PPO curves; ``--merge <json> ...`` combines the
 runs of earlier result files (to merge seeds run apart, or to redraw) without training. The per-seed lines also
 give the largest training KL, to compare with the controller's band (``kl_target`` x 0.8 to 1.2).
+
+Every file written records ``provenance`` (commit, uncommitted changes, library and Python versions; see
+``cli_runs.provenance``); with ``--merge`` each run also keeps the provenance of the file it came from (``null`` for
+files written before provenance was recorded).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from cli_runs import csv_column, in_processes, run_phase, test_phase  # noqa: E402
+from cli_runs import csv_column, in_processes, provenance, run_phase, test_phase  # noqa: E402
 
 from models.lm_rollout import AdaptiveKLController  # noqa: E402
 
@@ -177,11 +181,12 @@ def main_bench() -> None:
     parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files; no training")
     parser.add_argument("--plot", default=None, help="write the PPO curves to this PNG")
     args = parser.parse_args()
+    source = provenance()  # of the code that runs (or merges), taken before anything is written
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         files = [json.loads(Path(p).read_text()) for p in args.merge]
-        results = [r for f in files for r in f["runs"]]
+        results = [r | {"provenance": r.get("provenance", f.get("provenance"))} for f in files for r in f["runs"]]
         settings = files[0]["settings"] | {"seeds": [r["seed"] for r in results]}
     else:
         settings = vars(args).copy()
@@ -193,7 +198,8 @@ def main_bench() -> None:
     settings = {k: v for k, v in settings.items() if k not in ("merge", "plot", "out", "jobs")}  # no machine paths
     figures = summary(results)
     name = f"rlhf_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else "rlhf.json"
-    (out / name).write_text(json.dumps({"settings": settings, "summary": figures, "runs": results}, indent=1))
+    record = {"provenance": source, "settings": settings, "summary": figures, "runs": results}
+    (out / name).write_text(json.dumps(record, indent=1))
     if args.plot:
         plot_curves(results, Path(args.plot))
     for r in results:

@@ -3,9 +3,10 @@
     python bench/tool_agent.py [--seeds 0 1 2] [--out bench/results]
 
 Each run trains with ``python train.py fit`` semantics, then is tested greedily on every digit combination of
-every stage. Writes ``<out>/tool_agent.json`` and ``<out>/tool_agent_curves.csv`` (validation curves); the last
-line printed is ``tool_agent: acc_min=<x> seconds=<median training time> env_speedup=<ratio>``, the speed-up
-measured on 65,536 episodes (smaller batches are printed above it).
+every stage. Writes ``<out>/tool_agent.json`` (with the git commit and library versions) and
+``<out>/tool_agent_curves.csv`` (validation curves); the last line printed is
+``tool_agent: acc_min=<x> seconds=<median training time> env_speedup=<ratio>``, the speed-up measured on 65,536
+episodes (smaller batches are printed above it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import run_phase  # noqa: E402
+from cli_runs import provenance, run_phase  # noqa: E402
 
 from envs.tool_env import NUM_STAGES, ToolEnv  # noqa: E402
 from envs.tool_env_loop import run_episode  # noqa: E402
@@ -114,7 +115,8 @@ def main_bench() -> None:
     timings = {n: env_speedup(n) for n in (256, 8192, 65536)}
     fast, slow, speedup = timings[65536]
     summary = {f"env_{n}": {"vectorised_s": f, "loop_s": s, "speedup": r} for n, (f, s, r) in timings.items()}
-    (args.out / "tool_agent.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+    record = {"runs": results, "summary": summary, "provenance": provenance()}
+    (args.out / "tool_agent.json").write_text(json.dumps(record, indent=2))
     with open(args.out / "tool_agent_curves.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["config", "seed", "step", *[f"stage_{k}" for k in range(NUM_STAGES)]])

@@ -9,7 +9,7 @@ deterministic, so the agentic study runs once; TPE and random search run once pe
 patience is set to the budget so that every method gets all its trials. The agentic study also runs its SEAL
 stage and QA evaluation after every episode (``--no-seal`` turns both off), which its wall time includes.
 
-Writes ``<out>/tuning.json``; the last line printed is
+Writes ``<out>/tuning.json`` (with the git commit and library versions); the last line printed is
 ``tuning: agentic=<best val loss> tpe=<mean best over seeds> random=<mean best over seeds> trials=<n>``.
 """
 
@@ -29,6 +29,8 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+from cli_runs import provenance  # noqa: E402
 
 from experiment.cli import main  # noqa: E402
 
@@ -75,7 +77,7 @@ def main_bench() -> None:
             for m in ("agentic", "tpe", "random")}
     seconds = {m: statistics.mean(r["seconds"] for r in runs if r["method"] == m) for m in best}
     result = {"trials": args.trials, "seeds": args.seeds, "seal": not args.no_seal, "best_val_loss": best,
-              "seconds": seconds, "runs": runs}
+              "seconds": seconds, "runs": runs, "provenance": provenance()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tuning.json.tmp"

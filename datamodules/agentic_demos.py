@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import per_device_batch
+from datamodules.distributed import per_device_batch, resumable
 from envs.agentic import Task, default_tools, demonstrations, make_task
 from models.lm_factory import build_tokenizer
 from models.lm_text import lm_batch, pad_with_mask
@@ -69,8 +69,12 @@ class AgenticDemoDataModule(LightningDataModule):
         return batch
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.items(split), batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None)
+        items = self.items(split)
+        if not shuffle:
+            return DataLoader(items, batch_size=batch_size, collate_fn=self.collate)
+        order = torch.utils.data.RandomSampler(items, generator=torch.Generator().manual_seed(self.hparams.seed))
+        return DataLoader(items, batch_size=batch_size, sampler=resumable(self, order, batch_size),
+                          collate_fn=self.collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", per_device_batch(self, self.batch_size)[0], shuffle=True)

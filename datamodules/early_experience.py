@@ -84,11 +84,13 @@ def collect_branches(env: TextEnv, k: int, rng: random.Random, detour_prob: floa
 
 
 def observation_delta(before: str, after: str) -> str:
-    """What changed between two observations, in a few words (JSON fields or text lines)."""
+    """What changed between two observations, in a few words: the changed fields when both are JSON objects, else
+    the new text lines. Never raises on odd input (JSON too deeply nested, numbers too long for ``json``, values
+    that cannot be compared): such observations are compared as text."""
     try:
         old, new = json.loads(before), json.loads(after)
         changes = [f"{key}={json.dumps(value)}" for key, value in new.items() if old.get(key) != value]
-    except (json.JSONDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError, TypeError):  # JSONDecodeError is a ValueError
         old_lines = set(before.splitlines())
         changes = [line for line in after.splitlines() if line not in old_lines]
     return "; ".join(changes[:3]) if changes else "nothing changed"

@@ -99,13 +99,23 @@ def qa_text(pairs: list[tuple[str, str]]) -> str:
 
 
 def parse_qa_text(text: str) -> list[tuple[str, str]]:
-    """``(question, answer)`` pairs in a ``Q: ... A: ...`` text (what a model wrote; malformed lines skipped)."""
+    """``(question, answer)`` pairs in a ``Q: ... A: ...`` text (what a model wrote; malformed lines skipped).
+
+    A pair is ``Q:``, a question ending in ``?``, ``A:`` and an answer that runs to the next ``Q:`` or the end of
+    the line. Linear in the length of ``text`` (every line is split on ``Q:`` once)."""
     pairs = []
-    for match in re.finditer(r"Q:\s*(.+?\?)\s*A:\s*([^\n]+?)\s*(?=Q:|\n|$)", text):
-        question, answer = match.group(1).strip(), match.group(2).strip().rstrip(".")
-        if question and answer:
-            pairs.append((question, answer))
+    for line in text.splitlines():
+        for part in line.split("Q:")[1:]:
+            match = _QUESTION_END.search(part)
+            if match is None:
+                continue
+            question, answer = part[:match.start() + 1].strip(), part[match.end():].strip().rstrip(".")
+            if question and answer:
+                pairs.append((question, answer))
     return pairs
+
+
+_QUESTION_END = re.compile(r"\?\s*A:")  # the first "?" followed by "A:" ends a question
 
 
 def self_edit(person: Person, kind: str) -> str:
@@ -240,9 +250,11 @@ class InstructionDataModule(LightningDataModule):
         """
         super().__init__()
         if files and dataset:
-            raise ValueError("give either files or dataset, not both")
-        if batch_size < 1 or eval_batch_size < 1 or max_length < 16:
-            raise ValueError("batch_size and eval_batch_size must be >= 1, max_length >= 16")
+            raise ValueError("files must be left out when dataset is given (one source of examples)")
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("max_length", max_length, 16)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
         if not 0.0 < val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
         self.save_hyperparameters()
@@ -262,9 +274,11 @@ class InstructionDataModule(LightningDataModule):
     def _generated(self) -> tuple[dict[str, list[Example]], list[Knowledge]]:
         hp = self.hparams
         held_out = hp.num_val_people + hp.num_test_people + hp.num_knowledge_people
-        if hp.num_people - held_out < 4 or min(hp.num_val_people, hp.num_knowledge_people) < 1:
-            raise ValueError(f"num_people ({hp.num_people}) must exceed the held-out people ({held_out}) by >= 4, "
-                             "with at least one validation and one knowledge person")
+        for name in ("num_val_people", "num_knowledge_people"):
+            if hp[name] < 1:
+                raise ValueError(f"{name} must be >= 1, got {hp[name]}")
+        if hp.num_people - held_out < 4:
+            raise ValueError(f"num_people must exceed the held-out people ({held_out}) by >= 4, got {hp.num_people}")
         people = generate_people(hp.num_people, hp.world_seed)
         rng = random.Random(hp.world_seed + 1)
         knowledge_people = people[:hp.num_knowledge_people]

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import per_device_batch
+from datamodules.distributed import EpochPermutation, per_device_batch, resumable, step_generator
 from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import lm_batch, pad_with_mask
 
@@ -271,8 +271,12 @@ class CorpusDataModule(LightningDataModule):
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
     def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(items, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers, drop_last=shuffle and len(items) >= batch_size)
+        drop_last = shuffle and len(items) >= batch_size
+        sampler = None
+        if shuffle:  # seeded, so a resumed run draws the same order and continues where it stopped
+            sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
+        return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
+                          num_workers=self.hparams.num_workers, drop_last=drop_last)
 
     def items(self, split: str) -> list:
         raise NotImplementedError
@@ -390,8 +394,8 @@ class PromptDataModule(CorpusDataModule):
     def train_dataloader(self) -> DataLoader:
         items = self.items("train")
         per_device, rank, _ = per_device_batch(self, self.batch_size)
-        generator = torch.Generator().manual_seed(self.hparams.corpus_seed + 1_000_003 * rank)
+        generator = step_generator(self.hparams.corpus_seed, rank)
         sampler = torch.utils.data.RandomSampler(items, replacement=True,
                                                  num_samples=per_device * self.batches_per_epoch, generator=generator)
-        return DataLoader(items, batch_size=per_device, sampler=sampler, collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(items, batch_size=per_device, sampler=resumable(self, sampler, per_device),
+                          collate_fn=self.collate, num_workers=self.hparams.num_workers)

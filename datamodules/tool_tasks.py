@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datamodules.distributed import per_device_batch, step_generator
+from datamodules.distributed import per_device_batch, rank_and_world_size, step_generator
 from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
 
 class ProblemStream(IterableDataset):
-    """``batches`` random problem batches, regenerated identically for the same epoch, rank and curriculum."""
+    """``batches`` random problem batches, regenerated identically for the same epoch, rank and curriculum.
+
+    It starts after the batches of the epoch that were already trained on (``datamodule.batches_done``, restored from
+    a checkpoint), so a run resumed mid-epoch sees the problems the uninterrupted run sees.
+    """
 
     def __init__(self, datamodule: ToolTaskDataModule, batch_size: int, batches: int, rank: int) -> None:
         self.datamodule, self.batch_size, self.batches, self.rank = datamodule, batch_size, batches, rank
@@ -26,9 +33,12 @@ class ProblemStream(IterableDataset):
         # Seeded by epoch and rank: ranks see different problems, and a resumed run sees the same ones.
         generator = step_generator(dm.seed, self.rank, dm.epochs_completed)
         probs = dm.stage_probs()
-        for _ in range(self.batches):
+        # (A generator: this runs at the first batch, after the callbacks' on_train_start.)
+        done = dm.batches_done if dm.batches_done < self.batches else 0
+        for index in range(self.batches):
             digits, stage = sample_problems(self.batch_size, probs, generator)
-            yield digits, stage
+            if index >= done:  # the batches before were trained on before a resume: drawn and dropped
+                yield digits, stage
 
 
 class StageBatches(Dataset):
@@ -48,19 +58,43 @@ class StageBatches(Dataset):
         return self.digits[chunk], self.stages[chunk]
 
 
+class RankBatches(IterableDataset):
+    """One process's share of whole evaluation batches, none repeated: batch ``i`` goes to rank ``i mod world_size``.
+
+    A ``DistributedSampler`` would pad the batches to a multiple of the world size by repeating some, so metrics
+    summed over the ranks would count those twice. Here a rank with fewer batches gets empty ones instead, so every
+    rank runs the same number of steps, and the ranks together evaluate each problem exactly once, in the same
+    batches as one process does. (An ``IterableDataset``: Lightning adds no sampler of its own.)
+    """
+
+    def __init__(self, batches: StageBatches, rank: int = 0, world_size: int = 1) -> None:
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.world_size)
+
+    def __iter__(self):
+        for index in range(self.rank, len(self) * self.world_size, self.world_size):
+            if index < len(self.batches):
+                yield self.batches[index]
+            else:
+                yield self.batches.digits[:0], self.batches.stages[:0]
+
+
 class ToolTaskDataModule(LightningDataModule):
     """Arithmetic problems for the tool agent, served by curriculum stage.
 
-    The curriculum's frontier stage moves after each validation of a fit: in ``threshold`` mode when the greedy
-    accuracy on the frontier stage reaches ``advance_threshold``, in ``schedule`` mode as ``schedule`` lists (one
-    entry per epoch). Training batches mix the frontier stage with earlier ones (``replay_fraction``) so that
-    mastered stages are not forgotten. The curriculum is part of this module's state and is saved in checkpoints.
+    The curriculum's frontier stage moves after each validation of a fit (the ``AdvanceCurriculum`` callback, which
+    a fit requires): in ``threshold`` mode when the greedy accuracy on the frontier stage reaches
+    ``advance_threshold``, in ``schedule`` mode as ``schedule`` lists (one entry per epoch). Training batches mix the
+    frontier stage with earlier ones (``replay_fraction``) so that mastered stages are not forgotten. The curriculum
+    is part of this module's state and is saved in checkpoints.
     """
 
     def __init__(
         self,
         batch_size: int = 256,
-        batches_per_epoch: int = 50,
+        batches_per_epoch: int = 25,
         curriculum: Literal["threshold", "schedule"] = "threshold",
         advance_threshold: float = 0.95,
         schedule: list[int] | None = None,
@@ -102,6 +136,7 @@ class ToolTaskDataModule(LightningDataModule):
         self.seed = seed
         self.stage = schedule[0] if curriculum == "schedule" else start_stage
         self.epochs_completed = 0
+        self.batches_done = 0  # training batches of the current epoch trained on (counted by AdvanceCurriculum)
 
     # --- curriculum -------------------------------------------------------------------------------------------
     def stage_probs(self) -> torch.Tensor:
@@ -124,11 +159,12 @@ class ToolTaskDataModule(LightningDataModule):
             self.stage += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, "epochs_completed": self.epochs_completed}
+        return {"stage": self.stage, "epochs_completed": self.epochs_completed, "batches_done": self.batches_done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.stage = state_dict["stage"]
         self.epochs_completed = state_dict["epochs_completed"]
+        self.batches_done = state_dict.get("batches_done", 0)  # checkpoints written before it: epoch ends only
 
     # --- data -------------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -139,18 +175,77 @@ class ToolTaskDataModule(LightningDataModule):
         self.val_set = StageBatches(digits, stages, self.hparams.eval_batch_size)
 
     def train_dataloader(self) -> DataLoader:
+        callbacks = self.trainer.callbacks if self.trainer is not None else []
+        if not any(isinstance(c, AdvanceCurriculum) for c in callbacks):
+            # Without it the curriculum never moves and every epoch replays the first epoch's problems.
+            raise ValueError(
+                "ToolTaskDataModule needs the datamodules.tool_tasks.AdvanceCurriculum callback in trainer.callbacks"
+            )
         per_device, rank, _ = per_device_batch(self, self.batch_size)
         stream = ProblemStream(self, per_device, self.hparams.batches_per_epoch, rank)
+        # Lightning cannot see that this stream continues mid-epoch and would warn that it restarts the epoch.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
         return DataLoader(stream, batch_size=None)
 
+    def _evaluation_loader(self, batches: StageBatches) -> DataLoader:
+        """This process's share of ``batches`` (see ``RankBatches``; steps skip its empty batches)."""
+        rank, world_size = rank_and_world_size(self)
+        return DataLoader(RankBatches(batches, rank, world_size), batch_size=None)
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=None)
+        return self._evaluation_loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         """Every digit combination of every stage (1,000 + 10,000 + 100,000 problems)."""
         digits = torch.cat([all_problems(s) for s in range(NUM_STAGES)])
         stages = torch.cat([torch.full((10 ** (3 + s),), s) for s in range(NUM_STAGES)])
-        return DataLoader(StageBatches(digits, stages, self.hparams.eval_batch_size), batch_size=None)
+        return self._evaluation_loader(StageBatches(digits, stages, self.hparams.eval_batch_size))
 
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+
+class AdvanceCurriculum(Callback):
+    """Advances the ``ToolTaskDataModule`` curriculum after each validation of a fit, and counts the training batches
+    of the current epoch trained on (so that a run resumed mid-epoch continues the epoch's problem stream).
+
+    It reads the logged greedy accuracy of every stage (``val/greedy_acc/stage_<k>``; 0 for a stage not logged) and
+    runs before checkpointing (Lightning orders checkpoint callbacks last), so a checkpoint holds the new curriculum
+    and the count.
+    """
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if not isinstance(trainer.datamodule, ToolTaskDataModule):
+            raise ValueError(f"AdvanceCurriculum needs a ToolTaskDataModule, got {type(trainer.datamodule).__name__}")
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        accuracy = [float(metrics.get(f"val/greedy_acc/stage_{k}", 0.0)) for k in range(NUM_STAGES)]
+        dm = trainer.datamodule
+        dm.update_curriculum(accuracy)
+        if dm.batches_done >= trainer.num_training_batches:  # the epoch's own validation: its training is over
+            dm.batches_done = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm.batches_done < trainer.num_training_batches:
+            return
+        # Resumed from a checkpoint of an epoch's last batch, taken before the epoch's end: Lightning goes on with the
+        # next epoch and does not run the epoch's validation, so the curriculum would not move. Run it now, as the
+        # uninterrupted run did at this step (its hooks move the curriculum and may checkpoint or stop).
+        every = trainer.check_val_every_n_epoch
+        if trainer.enable_validation and every is not None and trainer.current_epoch % every == 0:
+            rank_zero_info(f"Running the validation of epoch {trainer.current_epoch - 1}, which the checkpoint "
+                           "preceded and which moves the curriculum")
+            trainer.validating = True
+            trainer.fit_loop.epoch_loop.val_loop.run()
+            trainer.training = True
+        dm.batches_done = 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
+        trainer.datamodule.batches_done += 1
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        trainer.datamodule.batches_done = 0

@@ -7,10 +7,17 @@ first and this one overlays them, so an ablation file holds only what it changes
 
 from __future__ import annotations
 
+import argparse
 import copy
+import difflib
 import importlib
+import inspect
+import os
+import re
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +28,9 @@ from lightning.pytorch.cli import LightningCLI
 from experiment.save_config import RunConfigSaver
 
 CONFIG_FLAGS = ("--config", "-c")
+DEBUG_FLAG = "--debug"
+# Problems with what the user gave (a config value, a file, a model name, a diverged run): one line, not a traceback.
+USER_ERRORS = (argparse.ArgumentError, ValueError, TypeError, FileNotFoundError, OSError, FloatingPointError, KeyError)
 # Flat LM arguments of run configs saved before the LM settings were one ``lm`` object.
 LEGACY_LM_KEYS = ("model_name", "hidden_size", "num_layers", "num_heads", "load_in_4bit", "trust_remote_code")
 LEGACY_LORA_KEYS = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
@@ -109,6 +119,102 @@ def refuse_checkpoint_of_another_class(ckpt_path: str | None, class_path: str | 
                          "run with its own config, or start this one from it with init_from")
 
 
+DEBUG_ENV = "EXPERIENTIAL_AGENTS_DEBUG"
+"""``EXPERIENTIAL_AGENTS_DEBUG=1`` (or ``--debug``): an error shows its traceback instead of one
+``Error: <key>: <why>`` line."""
+
+
+class ConfigError(Exception):
+    """A config that cannot run: the dotted ``key`` it is about (``study.n_trials``) and ``why``."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+_UNKNOWN = (re.compile(r"Group '([^']+)' does not accept option '([^']+)'"),
+            re.compile(r"Option '([^']+)' is not accepted"))
+
+
+def config_error(error: BaseException, options: list[str] = ()) -> ConfigError:
+    """A parser's error (argparse / jsonargparse: unknown option, bad value, missing file) as a ``ConfigError``
+    naming the key; ``options`` (the parser's option strings) suggest the option an unknown one was close to."""
+    message = str(error)
+    unknown = re.match(r"unrecognized arguments: (.*)", message, re.S)
+    if unknown:
+        token = (unknown.group(1).split() or ["arguments"])[0]
+        if not token.startswith("-"):
+            return ConfigError(token, "unexpected argument")
+        name = token.split("=", 1)[0]
+        close = difflib.get_close_matches(name, options, n=1, cutoff=0.85)
+        hint = f" (did you mean {close[0]}? options are never abbreviated)" if close else ""
+        return ConfigError(name.lstrip("-"), "unknown option" + hint)
+    for pattern in _UNKNOWN:
+        match = pattern.search(message)
+        if match:
+            return ConfigError(".".join(match.groups()), "unknown option")
+    value = re.match(r'Parser key "([^"]+)":?(.*)', message, re.S)
+    if value:
+        return ConfigError(value.group(1), _one_line(value.group(2)))
+    return ConfigError("arguments", _one_line(message))
+
+
+def parse_naming_keys(parser, argv: list[str] | None):
+    """``parser.parse_args(argv)``; a ``ConfigError`` naming the key of an unknown option or a bad value."""
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except argparse.ArgumentError as error:
+        options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+        raise config_error(error, options) from error
+
+
+def settings_error(error: BaseException, section: str, cls: type) -> ConfigError:
+    """A settings class's refusal (``ValueError`` / ``FileNotFoundError`` from its ``__init__``) as a
+    ``ConfigError``: ``section.field`` when the message starts with ``<field> must``, else ``section``."""
+    match = re.match(r"([A-Za-z_]\w*)((?:\.\w+)*) must (.*)", str(error), re.S)
+    if match and match.group(1) in inspect.signature(cls).parameters:
+        return ConfigError(f"{section}.{match.group(1)}{match.group(2)}", _one_line("must " + match.group(3)))
+    return ConfigError(section, _one_line(error))
+
+
+def instantiate_naming_keys(parser, config, sections: dict[str, type]):
+    """``parser.instantiate(config)``; a ``ConfigError`` naming the key when one of ``sections`` (dotted config
+    key -> settings class) refuses its values, even from inside a union that jsonargparse reports as a whole."""
+    refused: list[ConfigError] = []
+
+    def instantiator(section: str):
+        def make(cls, *args, **kwargs):
+            try:
+                return cls(*args, **kwargs)
+            except (ValueError, FileNotFoundError) as error:
+                refused.append(settings_error(error, section, cls))
+                raise
+        return make
+
+    try:
+        return parser.instantiate(config, instantiators=[(instantiator(k), c, False) for k, c in sections.items()])
+    except (ValueError, FileNotFoundError) as error:
+        raise (refused[0] if refused else ConfigError("arguments", _one_line(error))) from error
+
+
+@contextmanager
+def one_line_config_errors() -> Iterator[None]:
+    """Inside: a ``ConfigError`` ends the command with ``Error: <key>: <why>`` on stderr and exit
+    status 2, with no traceback unless ``EXPERIENTIAL_AGENTS_DEBUG`` is set (``--debug``)."""
+    try:
+        yield
+    except ConfigError as error:
+        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 class ExperimentCLI(LightningCLI):
     """LightningCLI whose configs may name the configs they overlay (``base``), and which refuses a ``--ckpt_path``
     written by another model class than the config's."""
@@ -130,11 +236,54 @@ class ExperimentCLI(LightningCLI):
         super()._parse_ckpt_path()
 
 
+PARSER_WRAPPERS = ("Does not validate against any of", "Problem with given class_path", "Parser key ")
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The first error in the chain that is not the argument parser wrapping another one."""
+    while any(w in str(error) for w in PARSER_WRAPPERS) and (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def one_line_error(error: BaseException) -> str:
+    """``<key>: <why>`` for a config, checkpoint or model problem, from the (often nested) error that raised it."""
+    text = str(error)
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    nested = re.search(r"NestedArg\(key='([^']+)'", text)
+    reasons = [line.strip() for line in text.splitlines()
+               if line.strip().startswith(("Option ", "Expected a <class", "File does not exist", "Key "))]
+    if keys and reasons:  # a value the parser rejected
+        key = keys[0] if not nested else f"{keys[0]}.init_args.{nested.group(1)}"
+        return f"{key}: {reasons[0]}"
+    inner = _cause(error)
+    section = "data: " if "LightningDataModule" in text else "model: " if "LightningModule" in text else ""
+    message = " ".join(str(inner).split()) or type(inner).__name__
+    return f"{section}{message}" if section else f"{type(inner).__name__}: {message}"
+
+
 def main(args: list[str] | None = None) -> LightningCLI | dict:
     """Build the CLI; any LightningModule / LightningDataModule subclass can be named in a config.
 
-    ``tune`` runs a tuning study instead (its own validated config; it returns the best episode)."""
+    ``tune`` runs a tuning study instead (its own validated config; it returns the best episode). From the command
+    line (``args`` None) a bad config, checkpoint or model name ends with one line, ``Error: <key>: <why>``, and
+    exit status 2; ``--debug`` (or ``EXPERIENTIAL_AGENTS_DEBUG=1``) shows the whole traceback instead.
+    """
     argv = sys.argv[1:] if args is None else list(args)
+    if DEBUG_FLAG in argv:
+        os.environ[DEBUG_ENV] = "1"  # the tune command reads it too
+    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if args is not None or debug:
+        return _run(argv, parser_kwargs={})
+    try:
+        return _run(argv, parser_kwargs={"exit_on_error": False})
+    except USER_ERRORS as error:
+        print(f"Error: {one_line_error(error)}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(argv: list[str], parser_kwargs: dict) -> LightningCLI | dict:
     if argv[:1] == ["tune"]:
         from tuning.cli import main as tune
 
@@ -148,5 +297,6 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         subclass_mode_data=True,
         save_config_callback=RunConfigSaver,
         auto_configure_optimizers=False,
+        parser_kwargs={"allow_abbrev": False, **parser_kwargs},  # `--seed_every 3` is not `--seed_everything 3`
         args=expand_config_bases(argv),
     )

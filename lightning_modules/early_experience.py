@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -21,7 +20,6 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from datamodules.early_experience import policy_prompt
 from envs.text_env import TextEnv
-from experiment.save_config import run_dir
 from lightning_modules.lm_phase import LMPhase, LRDecay
 from models.action_scorer import score_candidates
 from models.lm_factory import LMSettings
@@ -74,7 +72,6 @@ class EarlyExperienceAgent(LMPhase):
         lr_decay: LRDecay = "cosine",
         warmup_ratio: float = 0.02,
         length_normalize: bool = False,
-        save_adapter: bool = True,
         evaluate_before_training: bool = True,
         rationale_batch_size: int = 16,
         **kwargs,
@@ -85,7 +82,6 @@ class EarlyExperienceAgent(LMPhase):
             lr_decay: Learning-rate decay after the warmup (a cosine to zero beat a constant rate on the web shop).
             warmup_ratio: Share of the optimiser steps over which the learning rate rises linearly from zero.
             length_normalize: Score candidate actions by mean instead of summed token log-probability.
-            save_adapter: After fitting, save the LoRA adapter in peft format to ``<run folder>/adapter``.
             evaluate_before_training: Run the evaluation episodes once before the first update and log them at
                 step 0 (the "before training" row of the results).
             rationale_batch_size: Requests per batch when the policy writes its self-reflection rationales.
@@ -181,7 +177,3 @@ class EarlyExperienceAgent(LMPhase):
         metrics = {k: float(v) for k, v in compute_and_reset(self.val_metrics).items()}
         for logger in self.loggers:
             logger.log_metrics(metrics, step=0)
-
-    def on_fit_end(self) -> None:
-        if self.hparams.save_adapter and self.lm_settings.lora is not None and self.trainer.is_global_zero:
-            self.lm.save_pretrained(os.path.join(run_dir(self.trainer), "adapter"))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from lightning_modules.guarded import GuardedModule, non_finite_names
-from models.lm_factory import LMSettings, build_causal_lm, merged_state_dict
+from models.lm_factory import LMSettings, build_causal_lm, export_hf, merged_state_dict
 
 LRDecay = Literal["constant", "linear", "cosine"]
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}  # prefix of Lightning's precision -> compute dtype
@@ -95,6 +95,7 @@ class LMPhase(GuardedModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_decay: LRDecay = "constant",
         warmup_ratio: float = 0.0,
+        export: bool = True,
     ) -> None:
         """
         Args:
@@ -104,6 +105,8 @@ class LMPhase(GuardedModule):
             lr_decay: Learning-rate decay after the warmup, per optimiser step, reaching zero at the last step
                 (``linear`` or ``cosine``), or ``constant`` (see ``warmup_then_decay``).
             warmup_ratio: Share of the optimiser steps over which the learning rate rises linearly from zero.
+            export: After fitting, write Hugging Face folders to ``<run folder>/hf``: ``model`` (merged weights and
+                tokenizer) and, with LoRA, ``adapter`` (see ``models.lm_factory.export_hf``).
         """
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -200,6 +203,13 @@ class LMPhase(GuardedModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         schedule = warmup_then_decay(optimizer, int(warmup_ratio * total), total, decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_fit_end(self) -> None:
+        if self.hparams.export and self.trainer.is_global_zero:
+            from experiment.save_config import run_dir
+
+            written = export_hf(self.lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
+            self.print(f"Hugging Face folders: {', '.join(written.values())}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -144,11 +144,20 @@ class PPORLHF(PolicyRL):
         super()._build()
         self.value_head = ScalarHead(hidden_size_of(self.lm), zero_init=True)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        # The iteration in progress, so a run resumed mid-iteration takes the same minibatches from the same rollout.
+        checkpoint["ppo_iteration"] = {"buffer": self._buffer, "queue": list(self._queue),
+                                       "accepted": list(self._accepted), "rollbacks": self.rollbacks}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].setdefault("rollback_count", torch.tensor(0))  # saved before the KL guard existed
-        self._queue, self._buffer = [], None  # a resumed run starts a fresh iteration
+        iteration = checkpoint.get("ppo_iteration", {})  # none in checkpoints of earlier versions: a fresh iteration
+        self._buffer, self._queue = iteration.get("buffer"), list(iteration.get("queue", []))
         self._accepted.clear()
+        self._accepted.extend(iteration.get("accepted", []))
+        self.rollbacks = iteration.get("rollbacks", 0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.lm.parameters(), *self.value_head.parameters()] if p.requires_grad]
@@ -299,7 +308,7 @@ class PPORLHF(PolicyRL):
             return
         index = self._queue.pop(0)
         prompt_length = int(self._buffer["prompt_length"])
-        mb = {k: v[index] for k, v in self._buffer.items() if v.dim() > 0 and k not in ("tokens_per_s",)}
+        mb = {k: v[index].to(self.device) for k, v in self._buffer.items() if v.dim() > 0 and k != "tokens_per_s"}
         losses = self.ppo_losses(mb, prompt_length)
         if not math.isfinite(self._reduce(losses["loss"])):
             self._rollback("non-finite loss")

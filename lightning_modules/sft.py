@@ -27,6 +27,8 @@ class CausalLMSFT(LMPhase):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.val_ppl, self.test_ppl = Perplexity(ignore_index=IGNORE_INDEX), Perplexity(ignore_index=IGNORE_INDEX)
+        # Token-weighted means that sum exactly across processes (a logged float would be averaged per process).
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -37,19 +39,19 @@ class CausalLMSFT(LMPhase):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
-    def _eval_step(self, batch: dict[str, Tensor], stage: str, ppl: Perplexity) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], stage: str, ppl: Perplexity, mean_loss: MeanMetric) -> None:
         loss, logits = self.model_step(batch)
         labels = batch["labels"][:, 1:]
         ppl.update(logits[:, :-1].float(), labels)
-        tokens = int((labels != IGNORE_INDEX).sum())
-        self.log(f"{stage}/loss", loss, batch_size=tokens, sync_dist=True)
+        mean_loss.update(loss, weight=(labels != IGNORE_INDEX).sum())
+        self.log(f"{stage}/loss", mean_loss)
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_ppl)
+        self._eval_step(batch, "val", self.val_ppl, self.val_loss)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_ppl)
+        self._eval_step(batch, "test", self.test_ppl, self.test_loss)
 
 
 class AgenticSFT(CausalLMSFT):

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
-from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torch import Tensor
+from torchmetrics import MeanMetric, MetricCollection
 
 from envs.tool_env import NUM_STAGES, STAGE_NUM_DIGITS, Semantics, ToolEnv, context_tokens, decode, stage_goal
+from lightning_modules.guarded import GuardedModule
 from lightning_modules.rl import gae, masked_mean, masked_normalize
 from models.tool_policy import GRUActorCritic
 
@@ -40,40 +41,48 @@ class Rollout:
         return self.rewards.sum(1)
 
 
-class EpisodeMetrics(nn.Module):
-    """Greedy accuracy and mean reward per stage, mean reward and episode length of one evaluation split."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.accuracy = nn.ModuleList(MeanMetric() for _ in range(NUM_STAGES))
-        self.stage_reward = nn.ModuleList(MeanMetric() for _ in range(NUM_STAGES))
-        self.reward = MeanMetric()
-        self.length = MeanMetric()
-
-    def update(self, rollout: Rollout, stage: Tensor) -> None:
-        for k in range(NUM_STAGES):
-            if (stage == k).any():
-                self.accuracy[k].update(rollout.correct[stage == k].float())
-                self.stage_reward[k].update(rollout.returns[stage == k])
-        self.reward.update(rollout.returns)
-        self.length.update(rollout.lengths.float())
-
-    def compute(self, prefix: str) -> dict[str, Tensor]:
-        out = {f"{prefix}/greedy_acc/stage_{k}": m.compute() for k, m in enumerate(self.accuracy) if m.update_called}
-        if out:
-            out[f"{prefix}/greedy_acc_min"] = torch.stack(list(out.values())).min()
-        out |= {f"{prefix}/reward/stage_{k}": m.compute() for k, m in enumerate(self.stage_reward) if m.update_called}
-        out[f"{prefix}/reward"] = self.reward.compute()
-        out[f"{prefix}/episode_length"] = self.length.compute()
-        return out
-
-    def reset(self) -> None:
-        for metric in [*self.accuracy, *self.stage_reward, self.reward, self.length]:
-            metric.reset()
+def episode_metrics(split: str) -> MetricCollection:
+    """Greedy accuracy and mean reward per curriculum stage, mean reward and episode length of one split."""
+    metrics = {"reward": MeanMetric(), "episode_length": MeanMetric()}
+    for k in range(NUM_STAGES):
+        metrics |= {f"greedy_acc/stage_{k}": MeanMetric(), f"reward/stage_{k}": MeanMetric()}
+    # Each metric gets its own inputs, so none may share state with another (compute groups).
+    return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
 
 
-class ToolAgentA2C(LightningModule):
+def update_episode_metrics(metrics: MetricCollection, rollout: Rollout, stage: Tensor) -> None:
+    """Add a batch of evaluated episodes at curriculum ``stage`` ``[B]`` to ``metrics``."""
+    for k in range(NUM_STAGES):
+        chosen = stage == k
+        if chosen.any():
+            metrics[f"greedy_acc/stage_{k}"].update(rollout.correct[chosen].float())
+            metrics[f"reward/stage_{k}"].update(rollout.returns[chosen])
+    metrics["reward"].update(rollout.returns)
+    metrics["episode_length"].update(rollout.lengths.float())
+
+
+def compute_episode_metrics(metrics: MetricCollection) -> dict[str, Tensor]:
+    """The split's values and ``<split>/greedy_acc_min``; resets ``metrics``.
+
+    Every process computes every metric (each compute is a collective under DDP); a stage that no process evaluated
+    is a 0/0 = NaN mean and is left out.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+        values = {k: v for k, v in metrics.compute().items() if not v.isnan()}
+    metrics.reset()
+    accuracy = [v for k, v in values.items() if "/greedy_acc/stage_" in k]
+    if accuracy:
+        values[f"{metrics.prefix}greedy_acc_min"] = torch.stack(accuracy).min()
+    return values
+
+
+class ToolAgentA2C(GuardedModule):
     """Advantage actor-critic (A2C) for the tool agent: one on-policy rollout and one update per batch.
+
+    It runs under the shared ``NonFiniteGuard`` (``GuardedModule``): the manual ``optimizer.step()`` goes through
+    Lightning's optimizer, so an update with a non-finite gradient is skipped and a step that leaves a non-finite
+    weight is rolled back before the next rollout samples from it.
 
     Logged metrics: ``train/loss``, ``train/policy_loss``, ``train/value_loss``, ``train/entropy``, ``train/reward``
     (mean episode return of the sampled rollouts), ``train/accuracy`` (sampled episodes that answered the stated
@@ -137,8 +146,8 @@ class ToolAgentA2C(LightningModule):
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
         self._score_all_tokens = advantage_estimator == "seed_terminal"
         self._trajectories: list[str] = []  # readable greedy episodes of the latest validation
-        self.val_metrics = EpisodeMetrics()
-        self.test_metrics = EpisodeMetrics()
+        self.val_metrics = episode_metrics("val")
+        self.test_metrics = episode_metrics("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory(self.parameters())
@@ -229,40 +238,39 @@ class ToolAgentA2C(LightningModule):
         return losses["loss"]
 
     # --- evaluation -------------------------------------------------------------------------------------------
+    # Under DDP a process with fewer evaluation batches than another gets empty ones (tool_tasks.RankBatches).
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch
-        rollout = self.rollout(digits, stage, greedy=True)
-        self.val_metrics.update(rollout, stage)
         if batch_idx == 0:
             self._trajectories = []
+        if not len(digits):
+            return
+        rollout = self.rollout(digits, stage, greedy=True)
+        update_episode_metrics(self.val_metrics, rollout, stage)
         self._trajectories += self.describe(digits, stage, rollout)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch
-        self.test_metrics.update(self.rollout(digits, stage, greedy=True), stage)
+        if len(digits):
+            update_episode_metrics(self.test_metrics, self.rollout(digits, stage, greedy=True), stage)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> list[str]:
         """Every greedy trajectory of the batch as text; the first few are printed."""
         digits, stage = batch
+        if not len(digits):
+            return []
         lines = self.describe(digits, stage, self.rollout(digits, stage, greedy=True), per_stage=len(digits))
         rank_zero_info("\n".join(lines[: self.hparams.logged_trajectories]))
         return lines
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute("val")
-        self.val_metrics.reset()
+        values = compute_episode_metrics(self.val_metrics)
         self.log("val/greedy_acc_min", values.pop("val/greedy_acc_min"), prog_bar=True)
         self.log_dict(values)
         self._log_trajectories(self._trajectories)
-        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if fitting and hasattr(datamodule, "update_curriculum"):
-            accuracy = [float(values.get(f"val/greedy_acc/stage_{k}", 0.0)) for k in range(NUM_STAGES)]
-            datamodule.update_curriculum(accuracy)
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute("test"))
-        self.test_metrics.reset()
+        self.log_dict(compute_episode_metrics(self.test_metrics))
 
     def describe(self, digits: Tensor, stage: Tensor, rollout: Rollout, per_stage: int | None = None) -> list[str]:
         """Readable trajectories: the first ``per_stage`` problems of each stage in the batch."""

@@ -43,6 +43,25 @@ def _hub_error(name: str, error: Exception) -> OSError:
     )
 
 
+def require_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail at once, naming ``name``, when it is neither a local folder nor cached and the hub cannot be reached
+    (``from_pretrained`` itself retries for about a minute before it gives up)."""
+    if os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        raise _hub_error(name, error) from error
+
+
 # --- tokenizers -----------------------------------------------------------------------------------------------
 def build_tokenizer(
     texts: Iterable[str],
@@ -121,6 +140,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """A hub or local tokenizer, with a pad token (its EOS) when it has none; clear error when offline."""
     from transformers import AutoTokenizer
 
+    require_reachable(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as error:
@@ -320,6 +340,7 @@ def build_causal_lm(
 def _from_pretrained(name: str, trust_remote_code: bool, **kwargs) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    require_reachable(name)
     try:
         return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as error:
@@ -367,6 +388,28 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(model, PeftModel):
         model = copy.deepcopy(model).merge_and_unload()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def export_hf(model: nn.Module, tokenizer, folder: str | os.PathLike) -> dict[str, str]:
+    """Hugging Face folders of a trained LM under ``folder``: ``model`` (the weights with any LoRA adapter merged
+    in, and the tokenizer; ``AutoModelForCausalLM.from_pretrained`` loads it) and, for a LoRA model, ``adapter``
+    (``PeftModel.from_pretrained`` on the base model). A 4-bit model exports its adapter only. Returns the paths."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    written = {}
+    if isinstance(model, PeftModel):
+        model.save_pretrained(folder / "adapter")
+        tokenizer.save_pretrained(folder / "adapter")
+        written["adapter"] = str(folder / "adapter")
+    four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(
+        getattr(model, "base_model", None), "is_loaded_in_4bit", False)
+    if not four_bit:
+        merged = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+        merged.save_pretrained(folder / "model")
+        tokenizer.save_pretrained(folder / "model")
+        written["model"] = str(folder / "model")
+    return written
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -40,6 +40,10 @@ class GRUActorCritic(nn.Module):
                 (the seed).
         """
         super().__init__()
+        for name, size in (("num_actions", num_actions), ("hidden_size", hidden_size), ("num_stages", num_stages),
+                           ("vocab_size", vocab_size)):
+            if size < 1:  # a zero-width network gives constant logits and trains without an error
+                raise ValueError(f"{name} must be >= 1, got {size}")
         if context_encoder not in ("gru", "seed_batch_mean"):
             raise ValueError(f"unknown context_encoder {context_encoder!r}")
         self.num_actions = num_actions

@@ -1,5 +1,6 @@
 """Callbacks used by tests that run the CLI in a subprocess."""
 
+import json
 import os
 
 import torch
@@ -28,3 +29,35 @@ class SaveRankParameters(Callback):
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "")
+
+
+class SaveRankMetrics(Callback):
+    """After each validation outside the sanity check, every rank writes the metrics Lightning holds
+    (``trainer.callback_metrics``) and its DataModule's state, when it has one, to
+    ``<folder>/metrics_rank<k>.json``."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        record = {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
+        if trainer.datamodule is not None:
+            record["datamodule"] = trainer.datamodule.state_dict()
+        with open(os.path.join(self.folder, f"metrics_rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
+
+
+class InjectNaN(Callback):
+    """Writes a NaN into one trainable weight after the given steps (before a module's own guard looks: a module's
+    callbacks come after the Trainer's)."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            with torch.no_grad():
+                next(p for p in module.parameters() if p.requires_grad).view(-1)[0] = float("nan")

@@ -81,6 +81,8 @@ def test_test_subcommand_evaluates_a_checkpoint(in_tmp):
         (["--model.init_args.optimizer.init_args.lr", "-0.1"], "Invalid learning rate"),
         (["--data.init_args.start_stage", "7"], "unknown stage 7"),
         (["--config", "configs/tool_agent/missing.yaml"], "missing.yaml"),
+        (["--model.init_args.gamma", "abc"], "model.init_args.gamma: Expected a <class 'float'>"),
+        (["--seed_every", "3"], "unrecognized arguments: --seed_every"),  # no abbreviated options
     ],
 )
 def test_bad_input_fails_with_a_clear_error(args, message):
@@ -97,8 +99,20 @@ def test_bad_input_fails_with_a_clear_error(args, message):
     result = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"}
     )
-    assert result.returncode != 0
-    assert message in result.stderr + result.stdout
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and message in last and "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback_and_a_missing_hub_model_fails_fast(tmp_path):
+    command = [sys.executable, "train.py", "fit", "--config", "configs/rlhf/sft.yaml", "--config",
+               "configs/rlhf/models/pythia-70m.yaml", "--data.init_args.num_stories", "20"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HOME": str(tmp_path), "HF_ENDPOINT": "https://127.0.0.1:9"}
+    quiet = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert "could not load 'EleutherAI/pythia-70m-deduped'" in quiet.stderr.strip().splitlines()[-1]
+    loud = subprocess.run([*command, "--debug"], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert loud.returncode != 0 and "Traceback" in loud.stderr
 
 
 def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):

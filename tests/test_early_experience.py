@@ -111,6 +111,19 @@ def test_observation_delta_reads_json_and_text():
     assert observation_delta("same", "same") == "nothing changed"
 
 
+DEEP = '{"a":' * 5000 + "1" + "}" * 5000  # deeper than json reads
+LONG_INT = '{"a": ' + "9" * 5000 + "}"  # an integer over Python's 4,300-digit limit
+
+
+@pytest.mark.parametrize("before,after,expected", [
+    ("{}", DEEP, DEEP), ('{"a": 1}', LONG_INT, LONG_INT),  # compared as text: the new line
+    ("[" * 100_000, "{" * 100_000, "{" * 100_000),
+    ('{"a": 1}', "[1, 2]", "[1, 2]"), ("[1]", '{"a": 1}', '{"a": 1}'), ("", "", "nothing changed"),
+])
+def test_observation_delta_of_odd_observations_is_a_text_diff(before, after, expected):
+    assert observation_delta(before, after) == expected
+
+
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return EarlyExperienceDataModule(

@@ -15,15 +15,20 @@ from typing import Any
 
 from datamodules.instructions import EDIT_KINDS
 from tuning.backends import extract_json
-from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, SchemaError, clamp_hparams, clamp_value, text
+from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, SchemaError, clamp_hparams, clamp_value, describe_space, text
 from tuning.space import field as typed_field
 
 # Order in which the rule-based tuner moves one hyperparameter at a time around the best configuration.
 COORDINATES = ("lr", "batch_size", "lora_r", "warmup_ratio", "epochs", "lora_alpha", "lora_dropout")
 SYSTEM = ("You are {role} in a team that tunes LoRA fine-tuning of a language model. Reply with one JSON object "
-          "and nothing else, with exactly these fields: {fields}. Allowed hyperparameter ranges: lr [1e-5, 5e-4], "
-          "batch_size {{1,2,4,8}}, epochs {{1,2}}, warmup_ratio [0, 0.2], lora_r {{8,16,32}}, lora_alpha "
-          "{{16,32,64}}, lora_dropout [0, 0.2]. Lower validation loss is better.")
+          "and nothing else, with exactly these fields: {fields}. Allowed hyperparameter ranges: {space}. "
+          "Lower validation loss is better.")
+
+
+def one_of(values) -> str:
+    """``a, b or c``: allowed values as a prompt states them."""
+    values = [str(v) for v in values]
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
 
 
 @dataclass
@@ -58,9 +63,13 @@ class Agent:
         """The output in schema, clamped; ``SchemaError`` when it cannot be used at all."""
         raise NotImplementedError
 
+    def system_prompt(self) -> str:
+        """What an LLM backend is told; the ranges are read from ``SPACE`` at every call, never copied."""
+        return SYSTEM.format(role=self.role, fields=self.fields, space=describe_space())
+
     def act(self, ctx: Context, backend) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(output, message)``: the validated output and the record of this call (kept in the study)."""
-        system, user = SYSTEM.format(role=self.role, fields=self.fields), ctx.prompt()
+        system, user = self.system_prompt(), ctx.prompt()
         message: dict[str, Any] = {"agent": self.name, "episode": ctx.episode, "backend": backend.name,
                                    "time": time.time(), "fallback": None}
         started = time.perf_counter()
@@ -114,15 +123,20 @@ class Tuner(Agent):
     """
 
     name, role = "tuner", "the tuner (an expert ML engineer)"
-    fields = '"say" (string), "hparams" (object with lr, batch_size, epochs, warmup_ratio, lora_r, lora_alpha, ' \
-             'lora_dropout), "seal_plan" (object with seal_epochs 1 or 2)'
+
+    @property
+    def fields(self) -> str:
+        return (f'"say" (string), "hparams" (object with {", ".join(SPACE)}), '
+                f'"seal_plan" (object with seal_epochs {one_of(SPACE["epochs"].values)})')
 
     def rule(self, ctx: Context) -> dict[str, Any]:
         best = ctx.best()
-        if best is None:
+        in_flight = ctx.extra.get("in_flight", [])  # configurations other workers are running now
+        if best is None and DEFAULT_HPARAMS not in in_flight:
             return {"say": "First episode: the default configuration.", "hparams": dict(DEFAULT_HPARAMS),
                     "seal_plan": {"seal_epochs": 1}}
-        base = dict(best["hparams"])
+        base = dict(best["hparams"] if best else DEFAULT_HPARAMS)
+        origin = f"the best episode {best['episode']}" if best else "the default configuration (running elsewhere)"
         start = ctx.extra.get("started", ctx.episode)
         for offset in range(len(COORDINATES)):
             name = COORDINATES[(start + offset) % len(COORDINATES)]
@@ -130,9 +144,9 @@ class Tuner(Agent):
             direction = 1 if previous is None else (previous[0] if previous[1] else -previous[0])
             for d in (direction, -direction):  # at a bound, go the other way
                 value = step(name, base[name], d)
-                if value != base[name]:
+                if value != base[name] and base | {name: value} not in in_flight:
                     proposal = base | {name: value}
-                    say = f"From the best episode {best['episode']}: {name} {base[name]} -> {value}."
+                    say = f"From {origin}: {name} {base[name]} -> {value}."
                     return {"say": say, "hparams": proposal, "seal_plan": {"seal_epochs": 1},
                             "move": {"param": name, "direction": d}}
         return {"say": "Every neighbour was tried; repeat the best.", "hparams": base, "seal_plan": {"seal_epochs": 1}}
@@ -251,8 +265,12 @@ class SealExpert(Agent):
     the kind whose self-edits were kept most often; 2 epochs when the last SEAL stage improved held-out QA."""
 
     name, role = "seal_expert", "the SEAL expert, who plans the self-edit stage"
-    fields = '"say" (string), "seal_epochs" (1 or 2), "edit_kind" (one of "qa", "restatement", "implications"), ' \
-             '"evaluation" (string)'
+
+    @property
+    def fields(self) -> str:
+        kinds = ", ".join(f'"{k}"' for k in EDIT_KINDS)
+        return (f'"say" (string), "seal_epochs" ({one_of(SPACE["epochs"].values)}), "edit_kind" (one of {kinds}), '
+                '"evaluation" (string)')
 
     def rule(self, ctx: Context) -> dict[str, Any]:
         seals = [e["seal"] for e in ctx.history if e.get("seal")]

@@ -4,44 +4,58 @@ parses and validates it, and falls back to its rule when anything goes wrong."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tuning.space import check_minimums
+
 
 def extract_json(text: str) -> dict[str, Any]:
-    """The first JSON object in ``text``: the whole text, else the first balanced ``{...}`` that parses.
+    """The first JSON object in ``text``: the whole text, else the first top-level balanced ``{...}`` that parses
+    (models often wrap JSON in prose or code fences). Top-level: an object nested in braces that close but do not
+    parse is not tried on its own, which keeps the search linear in the length of ``text``.
 
-    Raises ``ValueError`` when there is none (models often wrap JSON in prose or code fences).
+    Raises ``ValueError`` (and nothing else) when there is none: for text that is not a string, and for objects
+    too deeply nested or with integers too long for Python's ``json`` to read.
     """
     if not isinstance(text, str):
         raise ValueError(f"expected text, got {type(text).__name__}")
-    try:
-        value = json.loads(text)
-        if isinstance(value, dict):
-            return value
-    except json.JSONDecodeError:
-        pass
-    for start in (i for i, c in enumerate(text) if c == "{"):
-        end = _balanced_end(text, start)
-        if end is None:
-            continue
-        try:
-            value = json.loads(text[start:end])
-        except json.JSONDecodeError:
-            continue
+    value = _loads(text)
+    if isinstance(value, dict):
+        return value
+    for start, end in _top_level_spans(text):
+        value = _loads(text[start:end])
         if isinstance(value, dict):
             return value
     raise ValueError(f"no JSON object in the reply: {text[:120]!r}")
 
 
-def _balanced_end(text: str, start: int) -> int | None:
-    """Index after the ``}`` closing the ``{`` at ``start`` (braces inside strings ignored)."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
+def _loads(text: str) -> Any:
+    """``json.loads(text)``, or ``None`` when it does not parse (including too deep or too long numbers)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError and the integer-digits limit are ValueErrors
+        return None
+
+
+def _top_level_spans(text: str) -> list[tuple[int, int]]:
+    """``(start, end)`` of every balanced ``{...}`` not inside another one, in order: one pass, braces inside JSON
+    strings ignored (quotes count only inside braces; prose between objects may hold any)."""
+    spans: list[tuple[int, int]] = []
+    opened: list[int] = []
+    in_string = escaped = False
+    i = text.find("{")
+    while 0 <= i < len(text):
+        if not opened:  # in prose: jump to the next brace
+            i = text.find("{", i)
+            if i < 0:
+                break
         c = text[i]
         if in_string:
             if escaped:
@@ -50,16 +64,17 @@ def _balanced_end(text: str, start: int) -> int | None:
                 escaped = True
             elif c == '"':
                 in_string = False
-            continue
-        if c == '"':
+        elif c == '"':
             in_string = True
         elif c == "{":
-            depth += 1
+            opened.append(i)
         elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+            start = opened.pop()
+            while spans and spans[-1][0] > start:  # spans inside this one are not top-level
+                spans.pop()
+            spans.append((start, i + 1))
+        i += 1
+    return spans
 
 
 @dataclass
@@ -73,8 +88,10 @@ class BackendSettings:
     """The model: a hub name or local folder for ``local``; the served model name for ``http``."""
     base_url: str = "http://127.0.0.1:8000/v1"
     """Base URL of the HTTP endpoint (``.../v1``); ``/chat/completions`` is appended."""
-    api_key_env: str | None = "OPENAI_API_KEY"
-    """NAME of the environment variable holding the API key (the key itself is never stored or logged)."""
+    api_key_env: str | None = None
+    """NAME of the environment variable holding the API key, e.g. ``OPENAI_API_KEY`` (the key itself is never
+    stored or logged). No default: without a name no key is sent. A key is sent only over ``https``, or plain
+    ``http`` to a loopback host (``localhost``, ``127.0.0.1``, ``::1``)."""
     temperature: float = 0.2
     """Sampling temperature of LLM backends."""
     max_new_tokens: int = 256
@@ -89,8 +106,28 @@ class BackendSettings:
     """Let a local model run code shipped with it (off unless you opt in)."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.max_new_tokens < 1 or self.timeout_s <= 0 or self.retries < 0:
-            raise ValueError("temperature >= 0, max_new_tokens >= 1, timeout_s > 0 and retries >= 0 are required")
+        check_minimums(self, {"temperature": 0, "max_new_tokens": 1, "retries": 0}, above={"timeout_s": 0})
+        check_key_transport(self.base_url, self.api_key_env)
+
+
+def check_key_transport(base_url: str, api_key_env: str | None) -> None:
+    """``ValueError`` unless ``base_url`` is ``http(s)://``, and, when a key variable is named, ``https://`` or
+    plain ``http://`` to a loopback host: a key must not cross a network in clear text."""
+    url = urllib.parse.urlsplit(base_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ValueError(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    if api_key_env and url.scheme == "http" and not _loopback(url.hostname):
+        raise ValueError(f"api_key_env must be unset for base_url {base_url!r}: plain http to a non-loopback host "
+                         "would carry the key in clear text (use https)")
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return False
 
 
 class RuleBackend:
@@ -108,6 +145,7 @@ class HTTPBackend:
     name = "http"
 
     def __init__(self, settings: BackendSettings) -> None:
+        check_key_transport(settings.base_url, settings.api_key_env)  # the settings may have changed since
         self.settings = settings
         self.url = settings.base_url.rstrip("/") + "/chat/completions"
 
@@ -119,6 +157,9 @@ class HTTPBackend:
         return headers
 
     def complete(self, system: str, user: str) -> str:
+        """The reply's text. Raises ``RuntimeError`` (naming the URL and the cause, never the request headers) when
+        every attempt failed: a refused connection, a timeout, an HTTP error status, or a reply that is not UTF-8
+        JSON with ``choices[0].message.content``."""
         body: dict[str, Any] = {
             "model": self.settings.model,
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -136,8 +177,10 @@ class HTTPBackend:
                 return reply["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as e:  # the message names the status, never the request headers
                 error = RuntimeError(f"HTTP {e.code} from {self.url}")
-            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, TypeError,
-                    json.JSONDecodeError) as e:
+            except UnicodeDecodeError:
+                error = RuntimeError(f"reply from {self.url} is not UTF-8 text")
+            except (urllib.error.URLError, TimeoutError, OSError, KeyError, IndexError, TypeError, ValueError,
+                    RecursionError) as e:  # ValueError: not JSON (JSONDecodeError), or a number too long to read
                 error = RuntimeError(f"{type(e).__name__} from {self.url}")
         raise error
 

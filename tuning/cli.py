@@ -11,20 +11,29 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import optuna
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from optuna.trial import TrialState
 
 from datamodules.instructions import InstructionDataModule
+from experiment.cli import ConfigError, instantiate_naming_keys, one_line_config_errors, parse_naming_keys
+from models.lm_factory import LMSettings, LoraSettings
 from tuning.backends import BackendSettings
 from tuning.seal import SealSettings
 from tuning.study import StudySettings, Tuning, best_summary, export_messages
 from tuning.trial import TrialSettings
 
+SECTIONS = {"study": StudySettings, "data": InstructionDataModule, "trial": TrialSettings, "trial.lm": LMSettings,
+            "trial.lm.lora": LoraSettings, "agents": BackendSettings, "seal": SealSettings}
+"""Config key -> settings class: a refused value is reported as ``<key>.<field>``."""
+
 
 def build_parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the settings' field docstrings become --help
-    parser = ArgumentParser(prog="train.py tune", description="Agentic (or TPE / random) tuning of LoRA SFT.")
+    parser = ArgumentParser(prog="train.py tune", description="Agentic (or TPE / random) tuning of LoRA SFT.",
+                            allow_abbrev=False, exit_on_error=False)  # --study.n_trial is not --study.n_trials
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config (several stack; later ones win)")
     parser.add_class_arguments(StudySettings, "study", help="The study: storage, method, budget, stopping.")
     parser.add_class_arguments(InstructionDataModule, "data", help="The instruction task.")
@@ -37,20 +46,15 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse, validate and run; prints and returns the best episode."""
+    """Parse, validate and run; prints and returns the best episode. A config error (unknown key, value out of
+    range, missing file or study) exits with status 2 and one line ``Error: <key>: <why>`` (its traceback with
+    ``EXPERIENTIAL_AGENTS_DEBUG=1``)."""
     parser = build_parser()
-    config = parser.parse_args(argv)  # unknown keys and bad values stop here with a message naming them
-    try:
-        init = parser.instantiate_classes(config)
-    except (ValueError, FileNotFoundError) as error:  # a value out of range, a missing data file
-        parser.error(f"{type(error).__name__}: {error}")
+    with one_line_config_errors():
+        init = instantiate_naming_keys(parser, parse_naming_keys(parser, argv), SECTIONS)
+        if init.export_only:
+            study = stored_study(init.study)
     if init.export_only:
-        if not init.study.export_messages:
-            parser.error("--export_only needs --study.export_messages PATH")
-        try:
-            study = optuna.load_study(study_name=init.study.study_name, storage=init.study.storage)
-        except KeyError:
-            parser.error(f"no study named {init.study.study_name!r} in {init.study.storage}")
         count = export_messages(study, init.study.export_messages)
         print(f"exported {count} messages to {init.study.export_messages}")
         return best_summary(study)
@@ -58,4 +62,38 @@ def main(argv: list[str] | None = None) -> dict:
     summary = best_summary(study)
     print(json.dumps(summary))
     sys.stdout.flush()
+    short = shortfall(study, init.study.n_trials)
+    if short:
+        print(f"Error: {short}", file=sys.stderr)
+        raise SystemExit(1)
     return summary
+
+
+def shortfall(study: optuna.Study, n_trials: int) -> str | None:
+    """Why the study ended with fewer than ``n_trials`` finished episodes (``None`` when it has them, or when the
+    Judge stopped it): the count of failed trials and the last one's error."""
+    if "stop" in study.user_attrs:
+        return None
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state == TrialState.COMPLETE for t in trials)
+    if finished >= n_trials:
+        return None
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    last = next((t.user_attrs["error"] for t in reversed(failed) if "error" in t.user_attrs), "no error recorded")
+    return (f"study {study.study_name!r}: {finished} of {n_trials} episodes finished, {len(failed)} trials failed "
+            f"(last: {' '.join(last.split())}); run the same command again to continue")
+
+
+def stored_study(settings: StudySettings) -> optuna.Study:
+    """The existing study of ``settings`` for ``--export_only``: ``ConfigError`` when there is nothing to export,
+    and no database file is created for a study that does not exist."""
+    if not settings.export_messages:
+        raise ConfigError("study.export_messages", "--export_only needs a path to write the messages to")
+    if settings.storage.startswith("sqlite:///"):
+        path = settings.storage[len("sqlite:///"):]
+        if path in ("", ":memory:") or not Path(path).is_file():
+            raise ConfigError("study.storage", f"no database file {path!r}: nothing to export")
+    try:
+        return optuna.load_study(study_name=settings.study_name, storage=settings.storage)
+    except KeyError:
+        raise ConfigError("study.study_name", f"no study named {settings.study_name!r} in {settings.storage}") from None

@@ -1,12 +1,9 @@
 """Held-out QA: the model answers the questions itself (greedy decoding) and the answers are scored against the
-references by exact match and token F1 (SQuAD normalisation; torchmetrics' SQuAD metric for the aggregate), plus
+references by exact match and token F1 (torchmetrics' SQuAD metric, per answer and in aggregate), plus
 the teacher-forced loss of the reference answers (a dense signal that moves before exact match does)."""
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -16,31 +13,9 @@ from torchmetrics.functional.text import squad
 from models.lm_text import IGNORE_INDEX, causal_lm_loss, lm_batch, pad_with_mask, sample
 
 
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Harmonic mean of token precision and recall after normalisation (1.0 when both are empty)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
 def score_answers(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean exact match and F1 in [0, 1] (torchmetrics' SQuAD metric, which reports percentages)."""
+    """Mean exact match and token F1 in [0, 1], after SQuAD's normalisation (torchmetrics' SQuAD metric, which
+    reports percentages)."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"need as many predictions as references (>0), got {len(predictions)} / {len(references)}")
     preds = [{"prediction_text": p, "id": str(i)} for i, p in enumerate(predictions)]
@@ -97,6 +72,6 @@ def evaluate_qa(lm: nn.Module, data, pairs: Sequence[tuple[str, str]], max_new_t
     answers = generate(lm, data, [p for p, _ in pairs], max_new_tokens, batch_size)
     references = [r for _, r in pairs]
     scores = score_answers(answers, references)
-    records = [{"prompt": p, "reference": r, "answer": a, "em": exact_match(a, r), "f1": token_f1(a, r)}
+    records = [{"prompt": p, "reference": r, "answer": a} | score_answers([a], [r])
                for (p, r), a in zip(pairs, answers)]
     return scores | {"answer_loss": answer_loss(lm, data, pairs, batch_size), "n": len(pairs), "answers": records}

@@ -18,6 +18,7 @@ from torch import nn
 from datamodules.instructions import ASK, WRITE, Example, Knowledge, format_prompt, parse_qa_text
 from models.lm_text import causal_lm_loss, lm_batch
 from tuning.qa import answer_loss, evaluate_qa, generate, score_answers
+from tuning.space import check_minimums
 
 RECALL = "Recall what you know."
 
@@ -49,10 +50,8 @@ class SealSettings:
     """Also train the writer on (passage -> kept self-edit), ReST-EM's improvement step."""
 
     def __post_init__(self) -> None:
-        if min(self.passages, self.candidates, self.inner_steps, self.max_new_tokens) < 1 or self.lr <= 0:
-            raise ValueError("passages, candidates, inner_steps, max_new_tokens must be >= 1 and lr > 0")
-        if self.temperature <= 0 or self.reward_questions < 1:
-            raise ValueError("temperature must be > 0 and reward_questions >= 1")
+        check_minimums(self, {"passages": 1, "candidates": 1, "reward_questions": 1, "inner_steps": 1,
+                              "max_new_tokens": 1}, above={"lr": 0, "temperature": 0})
 
 
 def edit_examples(text: str, kind: str) -> list[Example]:

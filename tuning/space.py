@@ -1,7 +1,7 @@
 """The hyperparameter ranges of a trial and the schema checks that every agent output goes through.
 
-Ranges (from the original design): lr [1e-5, 5e-4] (log scale), batch_size {1, 2, 4, 8}, epochs {1, 2},
-warmup_ratio [0, 0.2], lora_r {8, 16, 32}, lora_alpha {16, 32, 64}, lora_dropout [0, 0.2].
+``SPACE`` holds the original design's ranges; it is the only copy: the agents' prompts state it through
+``describe_space``, the samplers draw from it and every agent output is clamped to it.
 """
 
 from __future__ import annotations
@@ -38,6 +38,27 @@ SPACE: dict[str, Range | Choice] = {
 }
 DEFAULT_HPARAMS: dict[str, Any] = {"lr": 2e-4, "batch_size": 4, "epochs": 1, "warmup_ratio": 0.05, "lora_r": 8,
                                    "lora_alpha": 16, "lora_dropout": 0.05}
+
+
+def describe_space() -> str:
+    """``SPACE`` as the agents' prompts state it: ``lr [1e-05, 0.0005] (log scale), batch_size {1, 2, 4, 8}, ...``."""
+    parts = []
+    for name, spec in SPACE.items():
+        if isinstance(spec, Range):
+            parts.append(f"{name} [{spec.low:g}, {spec.high:g}]" + (" (log scale)" if spec.log else ""))
+        else:
+            parts.append(f"{name} {{{', '.join(map(str, spec.values))}}}")
+    return ", ".join(parts)
+
+
+def check_minimums(owner: Any, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None) -> None:
+    """``ValueError("<field> must be >= <low>, got <value>")`` (``> <low>`` for ``above``) for the first field of
+    ``owner`` out of range: the message starts with the field's name, so the command line can name the key."""
+    for bounds, strict in ((at_least or {}, False), (above or {}, True)):
+        for name, low in bounds.items():
+            value = getattr(owner, name)
+            if value < low or (strict and value == low):
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
 
 
 class SchemaError(ValueError):

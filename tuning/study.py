@@ -11,22 +11,25 @@ hyperparameters, so the same command run again continues where the study stopped
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
-from optuna.trial import TrialState
+import sqlalchemy
+from optuna.trial import FrozenTrial, TrialState
 
 from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalty, SealExpert, Tuner, merge
 from tuning.backends import BackendSettings, make_backend
 from tuning.qa import evaluate_qa
 from tuning.seal import SealSettings, seal_stage
-from tuning.space import SPACE, suggest
+from tuning.space import SPACE, check_minimums, suggest
 from tuning.trial import TrialSettings, run_trial
 
 # Heartbeats and stale-trial retries are marked experimental by Optuna; they are what resume relies on.
@@ -37,7 +40,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 class StudySettings:
     """The study: where it is stored, how it searches and when it stops."""
 
-    storage: str = "sqlite:///outputs/tuning/study.db"
+    storage: str = "sqlite:///outputs/tuning/default.db"
     """Optuna storage URL: ``sqlite:///file.db`` on one machine, ``postgresql://user@host/db`` (or
     ``mysql://...``) for workers on several machines. The password belongs in the URL's environment
     (e.g. ``PGPASSWORD``), not in a config."""
@@ -66,14 +69,15 @@ class StudySettings:
     """Times a dead worker's trial is re-queued."""
     qa: bool = True
     """Score held-out QA after every agentic episode."""
-    export_messages: str | None = None
+    export_messages: str | None = "outputs/tuning/default_messages.jsonl"
     """Write every agent message of the study to this JSONL file at the end (``null``: don't)."""
 
     def __post_init__(self) -> None:
-        if self.n_trials < 1 or self.force_min_episodes < 0 or self.patience < 1 or self.tpe_startup_trials < 1:
-            raise ValueError("n_trials, patience and tpe_startup_trials must be >= 1, force_min_episodes >= 0")
-        if self.heartbeat_interval < 1 or self.grace_period <= self.heartbeat_interval:
-            raise ValueError("heartbeat_interval must be >= 1 and grace_period > heartbeat_interval")
+        check_minimums(self, {"n_trials": 1, "force_min_episodes": 0, "patience": 1, "tpe_startup_trials": 1,
+                              "heartbeat_interval": 1, "max_retry": 0})
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period must be > heartbeat_interval ({self.heartbeat_interval}), "
+                             f"got {self.grace_period}")
         if self.storage.split(":", 1)[0].split("+")[0] not in ("sqlite", "postgresql", "mysql"):
             raise ValueError(f"storage must be a sqlite:///, postgresql:// or mysql:// URL, got {self.storage!r}")
 
@@ -96,6 +100,59 @@ def open_study(settings: StudySettings) -> optuna.Study:
     elif method != settings.method:
         raise ValueError(f"study {settings.study_name!r} was created with method {method!r}, not {settings.method!r}")
     return study
+
+
+TRIAL_ERRORS = (FloatingPointError, RuntimeError, ValueError)
+"""Errors that fail one trial (recorded on it) without stopping the study."""
+
+
+class ClaimLock:
+    """Serialises claiming trials among the workers of one study, so that deciding whether another trial is needed
+    (finished + running < ``n_trials``), proposing it and claiming it happen as one step: two workers never take
+    the same proposal, and together they never start more than ``n_trials`` trials that could finish.
+
+    SQLite: an exclusive ``flock`` on ``<database>.lock`` next to the database (one machine, as SQLite itself);
+    PostgreSQL / MySQL: a session advisory lock of the database server, named after the study. Released by
+    ``release`` (idempotent) or when the process ends.
+    """
+
+    def __init__(self, storage_url: str, study_name: str) -> None:
+        url = sqlalchemy.engine.make_url(storage_url)
+        self.backend, self.held = url.get_backend_name(), False
+        self.key = zlib.crc32(f"tuning-claim:{study_name}".encode())
+        self.name = f"tuning-claim:{self.key}"
+        self.path = None if self.backend != "sqlite" or url.database in (None, "", ":memory:") else \
+            f"{url.database}.lock"
+        self.engine = sqlalchemy.create_engine(storage_url) if self.backend in ("postgresql", "mysql") else None
+        self.file = self.connection = None
+
+    def acquire(self) -> None:
+        if self.path is not None:
+            if self.file is None:
+                self.file = open(self.path, "a")  # noqa: SIM115 (held for the life of the lock)
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX)
+        elif self.engine is not None:
+            self.connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            sql = "SELECT pg_advisory_lock(:key)" if self.backend == "postgresql" else "SELECT GET_LOCK(:name, -1)"
+            self.connection.execute(sqlalchemy.text(sql), {"key": self.key, "name": self.name})
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.path is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+        elif self.connection is not None:
+            sql = "SELECT pg_advisory_unlock(:key)" if self.backend == "postgresql" else "SELECT RELEASE_LOCK(:name)"
+            self.connection.execute(sqlalchemy.text(sql), {"key": self.key, "name": self.name})
+            self.connection.close()
+            self.connection = None
+
+
+def hparams_of(trial: FrozenTrial) -> dict[str, Any]:
+    """A trial's hyperparameters: suggested, or (queued, or claimed before its first suggestion) enqueued."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
 
 
 def history(study: optuna.Study) -> list[dict[str, Any]]:
@@ -157,29 +214,57 @@ class Tuning:
         self.reward, self.tuner, self.seal_expert = RewardPenalty(study.reward_tolerance), Tuner(), SealExpert()
         self.qa_generator, self.qa_evaluator = QAGenerator(), QAEvaluator()
         self.study = open_study(study)
+        self.lock = ClaimLock(study.storage, study.study_name)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> optuna.Study:
-        """Run episodes until the study holds ``n_trials`` finished ones, or the Judge stops it."""
-        limit = 3 * self.settings.n_trials  # failed trials count too: a task that always fails ends the loop
+        """Run episodes until the study holds ``n_trials`` finished ones, or the Judge stops it, or this run has
+        started ``3 x n_trials`` trials (so a task that always fails ends the run; a new run starts afresh).
+
+        Trials of other workers that are running count toward ``n_trials``: while they could reach it, this worker
+        waits for them, failing (and re-queueing) any whose heartbeat stops for ``grace_period`` seconds, so a run
+        never ends with a dead worker's trial left ``RUNNING``."""
+        budget, started = 3 * self.settings.n_trials, 0
         while True:
-            optuna.storages.fail_stale_trials(self.study)
-            trials = self.study.get_trials(deepcopy=False)
-            done = sum(t.state == TrialState.COMPLETE for t in trials)
-            if done >= self.settings.n_trials or "stop" in self.study.user_attrs or len(trials) >= limit:
+            self.lock.acquire()
+            try:
+                action = self._next(started, budget)
+                if action == "run":
+                    started += 1
+                    self.study.optimize(self.objective, n_trials=1, catch=TRIAL_ERRORS)
+            finally:
+                self.lock.release()  # the objective releases it as soon as its trial is claimed
+            if action == "stop":
                 break
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            if self.settings.method == "agentic" and not waiting and not self._propose(len(trials)):
-                break
-            self.study.optimize(self.objective, n_trials=1, catch=(FloatingPointError, RuntimeError, ValueError))
+            if action == "wait":
+                time.sleep(self.settings.heartbeat_interval)
         if self.settings.export_messages:
             export_messages(self.study, self.settings.export_messages)
         return self.study
 
-    def _propose(self, started: int) -> bool:
-        """Judge -> Reward-Penalty -> Tuner -> merge; enqueue the episode. ``False`` when the Judge stops."""
+    def _next(self, started: int, budget: int) -> str:
+        """Under the claim lock: ``stop``, ``wait`` (other workers' running trials may reach ``n_trials``) or
+        ``run`` (with the agents' proposal enqueued, for the agentic method)."""
+        optuna.storages.fail_stale_trials(self.study)  # dead workers' trials fail and their proposals are re-queued
+        trials = self.study.get_trials(deepcopy=False)
+        done = sum(t.state == TrialState.COMPLETE for t in trials)
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if done >= self.settings.n_trials or "stop" in self.study.user_attrs or started >= budget:
+            return "stop"
+        if done + len(running) >= self.settings.n_trials:
+            return "wait"
+        waiting = [t for t in trials if t.state == TrialState.WAITING]
+        if self.settings.method == "agentic" and not waiting:
+            in_flight = [hparams_of(t) for t in running]
+            if not self._propose(len(trials), in_flight):
+                return "stop"
+        return "run"
+
+    def _propose(self, started: int, in_flight: list[dict] = ()) -> bool:
+        """Judge -> Reward-Penalty -> Tuner -> merge; enqueue the episode. ``False`` when the Judge stops.
+        ``in_flight``: hyperparameters of other workers' running trials, which the proposal must not repeat."""
         past = history(self.study)
-        ctx = Context(past, started, extra={"started": started})
+        ctx = Context(past, started, extra={"started": started, "in_flight": list(in_flight)})
         notes = []
         if past:
             verdict, message = self.judge.act(ctx, self.backend)
@@ -195,13 +280,28 @@ class Tuning:
         proposal, message = self.tuner.act(ctx, self.backend)
         notes.append(message)
         hparams = merge(proposal, reward["override"])
+        if hparams in ctx.extra["in_flight"]:  # another worker runs it now: the rule's next configuration instead
+            proposal = self.tuner.validate(self.tuner.rule(ctx), ctx)[0]
+            hparams = proposal["hparams"]
+            message["notes"].append("proposal already running in another worker: replaced by the rule's next one")
         move = _move(hparams, ctx.best(), proposal.get("move"))
         self.study.enqueue_trial(hparams, user_attrs={"messages": notes, "move": move,
                                                       "seal_plan": proposal["seal_plan"]})
         return True
 
     def objective(self, trial: optuna.Trial) -> float:
-        hparams = suggest(trial)
+        try:
+            hparams = suggest(trial)
+            self.study._storage.record_heartbeat(trial._trial_id)  # claimed, with a heartbeat, before others go on
+        finally:
+            self.lock.release()
+        try:
+            return self._episode(trial, hparams)
+        except Exception as error:  # kept on the trial: the reason a study ended without its episodes
+            trial.set_user_attr("error", f"{type(error).__name__}: {str(error)[:300]}")
+            raise
+
+    def _episode(self, trial: optuna.Trial, hparams: dict) -> float:
         module, metrics = run_trial(hparams, self.data, self.trial_settings)
         trial.set_user_attr("metrics", metrics)
         if self.settings.method == "agentic":

@@ -18,6 +18,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import DEFAULT_CACHE, TINY_ARCHITECTURES, LMSettings, LoraSettings, merged_state_dict
+from tuning.space import check_minimums
 
 SEED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -35,8 +36,8 @@ class TrialSettings:
     max_steps: int = 60
     """Cap on optimiser steps per trial (-1: none), so a trial takes seconds; ``epochs`` still matters when an
     epoch is shorter than the cap (large batches)."""
-    accelerator: str = "auto"
-    """Lightning accelerator (``cpu``, ``gpu``, ``auto``)."""
+    accelerator: str = "cpu"
+    """Lightning accelerator (``cpu``, ``gpu``, ``auto``): trials of the offline tiny model are fastest on a CPU."""
     precision: str = "32-true"
     """Lightning precision (``bf16-mixed`` on a GPU)."""
     pretrain_steps: int = 600
@@ -45,8 +46,8 @@ class TrialSettings:
     Hub models and local folders are never pre-trained here."""
     pretrain_lr: float = 3e-3
     """Learning rate of that pre-training."""
-    threads: int | None = None
-    """CPU threads of torch (``null``: torch's default); 1 is fastest on a busy machine with few cores."""
+    threads: int | None = 1
+    """CPU threads of torch (``null``: torch's default); 1 is fastest for tiny trials on a machine with few cores."""
     cache_dir: str | None = None
     """Folder of pre-trained base models (``null``: ``~/.cache/experiential-agents/tuning_base``)."""
     seed: int = 0
@@ -56,9 +57,10 @@ class TrialSettings:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be -1 or >= 1, got {self.max_steps}")
         if self.lm.lora is None:
-            raise ValueError("trial.lm.lora must name the adapter's target modules: every trial trains a LoRA")
-        if self.pretrain_steps < 0 or self.pretrain_lr <= 0 or (self.threads is not None and self.threads < 1):
-            raise ValueError("pretrain_steps must be >= 0, pretrain_lr > 0 and threads >= 1")
+            raise ValueError("lm.lora must name the adapter's target modules: every trial trains a LoRA")
+        check_minimums(self, {"pretrain_steps": 0}, above={"pretrain_lr": 0})
+        if self.threads is not None:
+            check_minimums(self, {"threads": 1})
 
 
 def quiet_lightning() -> None:
