@@ -78,7 +78,8 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # an empty, truncated or foreign file
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(error).__name__}: {error})") from error
+        why = str(error).strip() or "empty or cut short?"
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(error).__name__}: {why})") from error
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
