@@ -34,7 +34,7 @@ quantisation of "observed features").
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -211,7 +211,12 @@ class LeWorldTask:
 
 
 class EpochBatches(IterableDataset):
-    """Shuffled training batches: the permutation depends on (seed, epoch), each rank takes its share of a batch."""
+    """Shuffled training batches: the permutation depends on (seed, epoch), each rank takes its share of a batch.
+
+    Stateful, so a resume continues the epoch where the checkpoint was taken: ``state_dict`` records the epoch and the
+    batches handed out in it, and the first epoch iterated after ``load_state_dict`` skips them if it is that epoch
+    (Lightning saves and restores the state through :class:`ResumableLoader`).
+    """
 
     def __init__(
         self, datamodule: LeWorldDataModule, data: dict[str, Tensor], local_batch: int, rank: int, world_size: int
@@ -225,18 +230,40 @@ class EpochBatches(IterableDataset):
         )
         self.global_batch = local_batch * world_size
         self.batches = len(data["states"]) // self.global_batch
+        self.epoch, self.handed_out = 0, 0
+        self._resume_at: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return self.batches
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.handed_out}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume_at = dict(state_dict)
+
     def __iter__(self):
         trainer = self.dm.trainer
         epoch = trainer.current_epoch if trainer is not None else 0
+        resume, self._resume_at = self._resume_at, None
+        start = resume["batches"] if resume is not None and resume["epoch"] == epoch else 0
+        self.epoch, self.handed_out = epoch, start
         order = torch.randperm(len(self.data["states"]), generator=torch.Generator().manual_seed(self.dm.seed + epoch))
-        for b in range(self.batches):
+        for b in range(start, self.batches):
             rows = order[b * self.global_batch : (b + 1) * self.global_batch]
             rows = rows[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+            self.handed_out = b + 1
             yield {k: v[rows] for k, v in self.data.items()}
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in checkpoints and restores on resume (its dataset's state)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state_dict)
 
 
 class FixedBatches(Dataset):
@@ -259,7 +286,8 @@ class LeWorldDataModule(LightningDataModule):
     (the relevant range of each slot at each step; step ``t`` drives ``t -> t + 1``) and ``valid [B, 3]``
     (which slots are relevant). Implements ``lightning_modules.leworld.LeWorldData`` (``task`` and
     :meth:`memory_bits_for`): the LightningModule copies the memory of the split it runs into its model's memory.
-    No state needs saving for a resume: the training order is a function of (seed, epoch).
+    The training order is a function of (seed, epoch); the training loader records how far into its epoch it is, so a
+    run resumed from a checkpoint taken mid-epoch continues with the next batch.
     """
 
     def __init__(
@@ -368,9 +396,7 @@ class LeWorldDataModule(LightningDataModule):
         per_device, rank, world_size = per_device_batch(self, self.batch_size)
         if self.batch_size > self.hparams.train_sequences:
             raise ValueError(f"batch_size {self.batch_size} exceeds train_sequences {self.hparams.train_sequences}")
-        return DataLoader(
-            EpochBatches(self, self.split("train"), per_device, rank, world_size), batch_size=None
-        )
+        return ResumableLoader(EpochBatches(self, self.split("train"), per_device, rank, world_size), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(FixedBatches(self.split("val"), self.hparams.eval_batch_size), batch_size=None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import importlib
 import inspect
 import os
 import re
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
@@ -90,6 +92,31 @@ def expand_config_bases(argv: list[str]) -> list[str]:
             out.append(arg)
         i += 1
     return out
+
+
+def _resolve(class_path: str) -> object:
+    """The class a dotted path names (the path itself when it cannot be imported), so aliases compare equal."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
+def refuse_checkpoint_of_another_class(ckpt_path: str | None, class_path: str | None) -> None:
+    """Raise if ``ckpt_path`` was written by a model of another class than ``class_path`` (the config's model), as
+    the CLI recorded it in the checkpoint's hyperparameters; a checkpoint without that record passes (the module's
+    own check, ``GuardedModule.on_load_checkpoint``, still applies)."""
+    if not ckpt_path or not class_path or not Path(ckpt_path).is_file():
+        return
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return  # unreadable: the Trainer reports it when it restores the checkpoint
+    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path") if isinstance(checkpoint, dict) else None
+    if saved and _resolve(saved) is not _resolve(class_path):
+        raise ValueError(f"{ckpt_path!r} was written by {saved}, but the config's model is {class_path}: resume a "
+                         "run with its own config, or start this one from it with init_from")
 
 
 DEBUG_ENV = "EXPERIENTIAL_AGENTS_DEBUG"
@@ -189,13 +216,24 @@ def one_line_config_errors() -> Iterator[None]:
 
 
 class ExperimentCLI(LightningCLI):
-    """LightningCLI whose configs may name the configs they overlay (``base``)."""
+    """LightningCLI whose configs may name the configs they overlay (``base``), and which refuses a ``--ckpt_path``
+    written by another model class than the config's."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
             "--base", type=str | list[str] | None, default=None,
             help="Configs that this config overlays (read before it; paths relative to it).",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the config's model with the one a ``--ckpt_path`` names in its hyperparameters: ``fit
+        # --config phase2.yaml --ckpt_path phase1.ckpt`` trained Phase 1. Refuse that before it happens.
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            model = config.get("model")
+            refuse_checkpoint_of_another_class(config.get("ckpt_path"), model.get("class_path") if model else None)
+        super()._parse_ckpt_path()
 
 
 PARSER_WRAPPERS = ("Does not validate against any of", "Problem with given class_path", "Parser key ")

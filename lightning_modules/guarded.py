@@ -89,7 +89,8 @@ class NonFiniteGuard(Callback):
                     p.copy_(weights[name])
             for optimizer, state in zip(trainer.optimizers, optimizer_states):
                 optimizer.load_state_dict(state)
-            self._count(trainer, "weights")
+            if not self._skipped_this_step:  # a step whose gradients were skipped already counts
+                self._count(trainer, "weights")
         elif not self._skipped_this_step:
             self.in_a_row = 0
             self._snapshot(trainer, module)

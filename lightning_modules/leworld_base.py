@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric, MetricCollection
 
+from lightning_modules.guarded import GuardedModule, non_finite_names
 from models.leworld import ArtificialMemory, InfoMode, LeWorldSystem
 
 Batch = dict[str, Tensor]
@@ -71,15 +71,40 @@ def flatten_steps(batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[T
     return past, current, nxt, chars, (flat(batch["starts"][:, :steps]), flat(batch["ends"][:, :steps]), valid)
 
 
-def load_system_weights(module: nn.Module, path: str, prefix: str = "system.") -> None:
-    """Load ``prefix*`` weights of a Lightning checkpoint (or a plain state dict) into ``module`` (strict)."""
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint's contents (tensors and plain values only), or an error of one line naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_from checkpoint not found: {path!r} (run the previous phase first)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an empty, truncated or foreign file
+        why = str(error).strip() or "empty or cut short?"
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(error).__name__}: {why})") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
+
+
+def load_system_weights(module: nn.Module, path: str, prefix: str = "system.") -> None:
+    """Load ``prefix*`` weights of a Lightning checkpoint (or a plain state dict) into ``module`` (strict); refuse,
+    in one line naming the file, one that is unreadable, non-finite or of another shape."""
+    state = read_checkpoint(path)
     state = state.get("state_dict", state)
     own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not own:
         raise ValueError(f"{path!r} holds no {prefix!r} weights: is it a checkpoint of a LeWorld phase?")
+    bad = non_finite_names(own)
+    if bad:
+        raise ValueError(f"{path!r} has non-finite weights ({', '.join(bad[:3])}): refusing to start from it")
+    expected = module.state_dict()
+    problems = [f"{k} {tuple(v.shape)} in the file, {tuple(expected[k].shape)} in the model"
+                for k, v in own.items() if k in expected and v.shape != expected[k].shape]
+    problems += [f"{k} missing from the file" for k in expected if k not in own]
+    problems += [f"{k} unknown to the model" for k in own if k not in expected]
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{path!r} does not fit this model (another size or version?): "
+                         f"{'; '.join(problems[:3])}{more}")
     module.load_state_dict(own, strict=True)
 
 
@@ -146,8 +171,12 @@ class PredictionsToFile(BasePredictionWriter):
         torch.save(merged, self.path)
 
 
-class LeWorldModule(LightningModule):
-    """Shared parts: the data contract and memory loading, evaluation, predictions, gradient clipping, optimiser."""
+class LeWorldModule(GuardedModule):
+    """Shared parts: the data contract and memory loading, evaluation, predictions, gradient clipping, optimiser.
+
+    A :class:`GuardedModule`: it refuses a checkpoint of another class, never saves non-finite weights and trains
+    under ``NonFiniteGuard`` (an update with non-finite gradients is skipped, a step that leaves non-finite weights
+    rolled back, training stops after 5 in a row)."""
 
     eval_info: InfoMode = "always"
 
@@ -207,6 +236,7 @@ class LeWorldModule(LightningModule):
             self._memory_split = split
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self._memory_split = None  # the checkpoint's bits replace whatever was loaded
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:

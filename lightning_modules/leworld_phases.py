@@ -276,9 +276,10 @@ class LeWorldPhase3(SystemModule):
         improvement = out["reward"].mean()
         if self.trainer.world_size > 1:
             improvement = self.all_gather(improvement).mean()
-        with torch.no_grad():
-            m = self.hparams.baseline_momentum
-            self.reward_baseline.mul_(m).add_((1 - m) * improvement)
+        if torch.isfinite(improvement):  # a non-finite step is skipped or rolled back: keep the baseline too
+            with torch.no_grad():
+                m = self.hparams.baseline_momentum
+                self.reward_baseline.mul_(m).add_((1 - m) * improvement)
         logs = {
             "train/improvement": improvement,
             "train/pg_loss": out["pg_loss"].detach(),

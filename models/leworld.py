@@ -630,7 +630,8 @@ class LeWorldSystem(nn.Module):
             query = out["info_query"]
             logit = out["request_logit"].float()
             if info == "sample":
-                request = torch.bernoulli(torch.sigmoid(logit).detach(), generator=generator)
+                # A NaN logit (non-finite weights: the step is rolled back) must not crash the sampling.
+                request = torch.bernoulli(torch.sigmoid(logit).detach().nan_to_num(0.0), generator=generator)
             elif info == "greedy":
                 request = (logit > 0).float()
             elif info == "always":
