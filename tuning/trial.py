@@ -98,7 +98,7 @@ def pretrained_base(data, settings: TrialSettings) -> str | None:
     quiet_lightning()
     seed_everything(settings.seed, verbose=False)
     module = CausalLMSFT(lm=replace(lm, lora=None, load_in_4bit=False), lr_decay="linear", warmup_ratio=0.05,
-                         optimizer=partial(torch.optim.AdamW, lr=settings.pretrain_lr))
+                         optimizer=partial(torch.optim.AdamW, lr=settings.pretrain_lr), export=False)
     module.build(data.tokenizer)
     trainer = _trainer(settings, max_steps=settings.pretrain_steps, max_epochs=-1, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=data.text_loader(texts, 16))
@@ -121,7 +121,7 @@ def run_trial(hparams: dict[str, Any], data, settings: TrialSettings) -> tuple[C
                    dropout=float(hparams["lora_dropout"]))
     # Linear warmup then linear decay: a trial's warmup_ratio means what it means in transformers.Trainer.
     module = CausalLMSFT(lm=replace(settings.lm, lora=lora), init_from=init_from, lr_decay="linear",
-                         warmup_ratio=float(hparams["warmup_ratio"]),
+                         warmup_ratio=float(hparams["warmup_ratio"]), export=False,  # a study keeps its best episode
                          optimizer=partial(torch.optim.AdamW, lr=float(hparams["lr"])))
     started = time.perf_counter()
     trainer = _trainer(settings, max_epochs=int(hparams["epochs"]), max_steps=settings.max_steps,
