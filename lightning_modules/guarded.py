@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import torch
@@ -27,6 +28,20 @@ def non_finite_names(tensors: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors in ``tensors`` that hold a NaN or an infinity."""
     return [name for name, t in tensors.items()
             if isinstance(t, Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint's contents (tensors and plain values only), or an error of one line naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r} (init_from / reward_model_from: run that phase first)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # an empty, truncated or foreign file
+        why = str(error).strip() or "empty or cut short?"
+        raise ValueError(f"{path!r} is not a readable checkpoint ({type(error).__name__}: {why})") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
 
 
 def class_path(obj: Any) -> str:

@@ -8,7 +8,6 @@ checks it once and names what is missing.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,7 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric, MetricCollection
 
-from lightning_modules.guarded import GuardedModule, non_finite_names
+from lightning_modules.guarded import GuardedModule, non_finite_names, read_checkpoint
 from models.leworld import ArtificialMemory, InfoMode, LeWorldSystem
 
 Batch = dict[str, Tensor]
@@ -69,20 +68,6 @@ def flatten_steps(batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple[T
     chars = batch["chars"].repeat_interleave(steps, 0)
     valid = batch["valid"].repeat_interleave(steps, 0)
     return past, current, nxt, chars, (flat(batch["starts"][:, :steps]), flat(batch["ends"][:, :steps]), valid)
-
-
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """A checkpoint's contents (tensors and plain values only), or an error of one line naming the file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"init_from checkpoint not found: {path!r} (run the previous phase first)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an empty, truncated or foreign file
-        why = str(error).strip() or "empty or cut short?"
-        raise ValueError(f"{path!r} is not a readable checkpoint ({type(error).__name__}: {why})") from error
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path!r} holds a {type(checkpoint).__name__}, not a checkpoint")
-    return checkpoint
 
 
 def load_system_weights(module: nn.Module, path: str, prefix: str = "system.") -> None:

@@ -22,7 +22,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from lightning_modules.guarded import GuardedModule, non_finite_names
+from lightning_modules.guarded import GuardedModule, non_finite_names, read_checkpoint
 from models.lm_factory import LMSettings, build_causal_lm, export_hf, merged_state_dict
 
 LRDecay = Literal["constant", "linear", "cosine"]
@@ -38,13 +38,8 @@ class TokenizerSource(Protocol):
 
 def load_phase_checkpoint(path: str) -> dict[str, Any]:
     """An earlier phase's checkpoint (tensors and plain values only: ``weights_only=True``)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist (init_from / reward_model_from)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # an empty, truncated or foreign file: say which one
-        raise ValueError(f"{path!r} is not a readable checkpoint: {type(error).__name__}: {error}") from error
-    if not isinstance(checkpoint, dict) or "merged_lm" not in checkpoint:
+    checkpoint = read_checkpoint(path)
+    if "merged_lm" not in checkpoint:
         raise ValueError(
             f"{path!r} has no merged LM weights: it was not written by an LM phase, or its LM was 4-bit "
             "(train the phase that feeds another one without load_in_4bit)"
