@@ -132,6 +132,17 @@ class ConfigError(Exception):
         self.key, self.why = key, why
 
 
+def debugging() -> bool:
+    """Whether errors show their traceback (``--debug`` or ``EXPERIENTIAL_AGENTS_DEBUG=1``)."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def exit_with_error(message: str, status: int = 2) -> None:
+    """End the command with one line, ``Error: <message>``, on stderr and exit ``status`` (2: bad input)."""
+    print(f"Error: {message}", file=sys.stderr)
+    raise SystemExit(status) from None
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -209,10 +220,9 @@ def one_line_config_errors() -> Iterator[None]:
     try:
         yield
     except ConfigError as error:
-        if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        if debugging():
             raise
-        print(f"Error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_error(str(error))
 
 
 class ExperimentCLI(LightningCLI):
@@ -272,15 +282,13 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
     argv = sys.argv[1:] if args is None else list(args)
     if DEBUG_FLAG in argv:
         os.environ[DEBUG_ENV] = "1"  # the tune command reads it too
-    debug = os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     argv = [a for a in argv if a != DEBUG_FLAG]
-    if args is not None or debug:
+    if args is not None or debugging():
         return _run(argv, parser_kwargs={})
     try:
         return _run(argv, parser_kwargs={"exit_on_error": False})
     except USER_ERRORS as error:
-        print(f"Error: {one_line_error(error)}  (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_error(f"{one_line_error(error)}  (--debug shows the traceback)")
 
 
 def _run(argv: list[str], parser_kwargs: dict) -> LightningCLI | dict:

@@ -18,7 +18,13 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from optuna.trial import TrialState
 
 from datamodules.instructions import InstructionDataModule
-from experiment.cli import ConfigError, instantiate_naming_keys, one_line_config_errors, parse_naming_keys
+from experiment.cli import (
+    ConfigError,
+    exit_with_error,
+    instantiate_naming_keys,
+    one_line_config_errors,
+    parse_naming_keys,
+)
 from models.lm_factory import LMSettings, LoraSettings
 from tuning.backends import BackendSettings
 from tuning.seal import SealSettings
@@ -64,8 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     sys.stdout.flush()
     short = shortfall(study, init.study.n_trials)
     if short:
-        print(f"Error: {short}", file=sys.stderr)
-        raise SystemExit(1)
+        exit_with_error(short, status=1)  # the study is short of its episodes: run the command again
     return summary
 
 
