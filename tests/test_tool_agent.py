@@ -40,6 +40,8 @@ def make_agent(**kwargs):
 
 
 def make_trainer(max_epochs, callbacks=(), **kwargs):
+    # Only tests that pass a ModelCheckpoint (with its folder) write checkpoints: none land in the working folder.
+    kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
     return L.Trainer(
         callbacks=[AdvanceCurriculum(), *callbacks],
         max_epochs=max_epochs,
