@@ -110,8 +110,8 @@ def test_data_modules_pack_training_batches_only(tmp_path):
                        unpacked["labels"][unpacked["labels"] != IGNORE_INDEX].sort().values)  # the same targets
     assert "attention_mask" in next(iter(data.val_dataloader()))  # evaluation is not packed
     experience = EarlyExperienceDataModule(env="tiny_shop", train_goals=4, eval_goals=1, batch_size=6,
-                                           tokenizer_cache=str(tmp_path / "t"), max_seq_length=40, packing=True)
+                                           tokenizer_cache=str(tmp_path / "t"), max_seq_length=256, packing=True)
     batch = next(iter(experience.train_dataloader()))
-    assert "position_ids" in batch and batch["input_ids"].shape[1] <= 40 and len(batch["input_ids"]) < 6
+    assert "position_ids" in batch and batch["input_ids"].shape[1] <= 256 and len(batch["input_ids"]) < 6
     with pytest.raises(ValueError, match="max_seq_length"):
         TextCorpusDataModule(num_stories=40, vocab_size=320, tokenizer_cache=str(tmp_path / "t"), max_seq_length=1)
