@@ -66,6 +66,11 @@ def lm_settings_from_dict(settings: dict[str, Any]) -> LMSettings:
     return LMSettings(**{**settings, "lora": LoraSettings(**lora) if isinstance(lora, dict) else lora})
 
 
+def lm_state(module_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The LM's weights in a phase's state dict (its ``lm.`` entries, without the prefix)."""
+    return {k.removeprefix("lm."): v for k, v in module_state.items() if k.startswith("lm.")}
+
+
 def _import(path: str | None) -> Any:
     module, _, name = (path or "").rpartition(".")
     try:
@@ -101,7 +106,7 @@ def export_checkpoint(ckpt_path: str, output: str | os.PathLike | None = None) -
     module = phase(**{**_init_arguments(hparams), "lm": replace(settings, load_in_4bit=False), "init_from": None})
     module.tokenizer = tokenizer
     lm = module._build_lm(None)
-    saved = {k.removeprefix("lm."): v for k, v in checkpoint["state_dict"].items() if k.startswith("lm.")}
+    saved = lm_state(checkpoint["state_dict"])
     if four_bit:
         expected = {k for k in lm.state_dict() if "lora_" in k}
         saved = {k: v for k, v in saved.items() if k in expected}
@@ -201,6 +206,10 @@ class LMPhase(GuardedModule):
         four_bit = settings.load_in_4bit and lora is not None
         if four_bit:
             self._check_strategy_for_4bit()
+        if lora is not None and self._sharded():
+            raise ValueError(f"a LoRA adapter is not trained under {type(self.trainer.strategy).__name__}: use DDP "
+                             "(configs/trainer/ddp.yaml; each process holds the frozen base), or shard full "
+                             "fine-tuning with --model.init_args.lm.lora null")
         device_map, dtype = self._placement()
         size = settings.size | {k: v for k, v in overrides.items() if k != "model_name"}
         lm = build_causal_lm(
@@ -216,6 +225,11 @@ class LMPhase(GuardedModule):
             if lora is not None:  # the frozen embeddings give no gradient for checkpointed blocks to pass back
                 lm.enable_input_require_grads()
         return lm
+
+    def _sharded(self) -> bool:
+        """Whether the Trainer shards the weights across processes (FSDP, DeepSpeed)."""
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        return "FSDP" in strategy or "DeepSpeed" in strategy
 
     def _check_strategy_for_4bit(self) -> None:
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
@@ -258,13 +272,21 @@ class LMPhase(GuardedModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export and self.trainer.is_global_zero:
+        if not self.hparams.export:
+            return
+        lm = self.lm
+        if self._sharded():  # every process takes part in gathering the whole weights; the first one writes them
+            state = lm_state(self.trainer.strategy.lightning_module_state_dict())
+            lm = self._build_lm(state, adapter=False) if self.trainer.is_global_zero else None
+        if self.trainer.is_global_zero:
             from experiment.save_config import run_dir
 
-            written = export_hf(self.lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
+            written = export_hf(lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
             self.print(f"Hugging Face folders: {', '.join(written.values())}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self.lm_settings.load_in_4bit:
+        if self._sharded():  # the strategy gathered the whole weights into the checkpoint (no adapter to merge)
+            checkpoint["merged_lm"] = lm_state(checkpoint["state_dict"])
+        elif not self.lm_settings.load_in_4bit:
             checkpoint["merged_lm"] = merged_state_dict(self.lm)

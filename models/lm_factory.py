@@ -238,6 +238,21 @@ def tiny_config(
     return SmolLM3Config(**common, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(num_layers)])
 
 
+def is_decoder_layer(module: nn.Module) -> bool:
+    """A transformer block of a ``transformers`` decoder (the unit it checkpoints: ``GradientCheckpointingLayer``)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers before 4.52: the blocks are named ``...DecoderLayer`` / ``...Layer``
+        return type(module).__name__.endswith(("DecoderLayer", "Block")) or type(module).__name__ == "GPTNeoXLayer"
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP wrapping / activation-checkpointing policy (``torch.distributed.fsdp.wrap`` signature): every decoder
+    layer is its own unit, whatever the architecture."""
+    return recurse or is_decoder_layer(module)
+
+
 def lora_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
     """Resolve ``auto`` to the attention projections of ``model``'s architecture and check the names exist."""
     if target_modules == "auto":
