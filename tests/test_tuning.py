@@ -31,6 +31,7 @@ from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
 from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space, suggest
 from tuning.study import StudySettings, Tuning
+from tuning.tracking import WandbSettings
 from tuning.trial import SEED_TARGETS, TrialSettings
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
@@ -553,7 +554,8 @@ def test_export_only_of_a_missing_study_creates_nothing(tmp_path, capsys):
 
 def test_settings_defaults_are_the_default_config():
     config = yaml.safe_load((REPO / "configs/tuning/default.yaml").read_text())
-    classes = {"study": StudySettings, "agents": BackendSettings, "seal": SealSettings, "data": InstructionDataModule}
+    classes = {"study": StudySettings, "agents": BackendSettings, "seal": SealSettings, "data": InstructionDataModule,
+               "wandb": WandbSettings}
     differ = []
     for section, cls in classes.items():
         parameters = inspect.signature(cls).parameters
