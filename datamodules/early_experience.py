@@ -29,7 +29,7 @@ from envs.tiny_shop import tiny_shop_goals
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
 from models.action_scorer import encode_candidates
 from models.lm_factory import build_tokenizer, load_tokenizer
-from models.lm_text import encode_prompts, lm_batch
+from models.lm_text import check_sequence_settings, encode_prompts, lm_batch
 
 POLICY_SUFFIX = "\nAction:"
 REFLECT_SUFFIX = "\nReflect, then act:"
@@ -155,7 +155,7 @@ class ExperienceStream(IterableDataset):
         while True:
             rng = random.Random(f"{dm.hparams.seed}-{self.rank}-{step}")
             pool = dm.pool_for_step(step)
-            yield dm.collate([pool[rng.randrange(len(pool))] for _ in range(self.batch_size)])
+            yield dm.collate([pool[rng.randrange(len(pool))] for _ in range(self.batch_size)], dm.hparams.packing)
             step += 1
 
 
@@ -187,6 +187,8 @@ class EarlyExperienceDataModule(LightningDataModule):
         split_digits: bool = True,
         tokenizer_cache: str | None = None,
         seed: int = 0,
+        max_seq_length: int | None = None,
+        packing: bool = False,
     ) -> None:
         """
         Args:
@@ -211,6 +213,10 @@ class EarlyExperienceDataModule(LightningDataModule):
             split_digits: The trained tokenizer gives every digit its own token, so prices compare digit by digit.
             tokenizer_cache: Folder of cached tokenizers (``null``: the user cache).
             seed: Seed of the goals, the branching and the batch sampling.
+            max_seq_length: Longest training example in tokens: a longer prompt (observation) loses its start, the
+                completion is kept (``null``: no cap).
+            packing: Training batches put several examples in one row, each attending only to itself (rows of
+                ``max_seq_length`` tokens, or of the batch's longest example).
         """
         super().__init__()
         if env not in ("tiny_shop", "web_shop"):
@@ -227,6 +233,7 @@ class EarlyExperienceDataModule(LightningDataModule):
             raise ValueError(f"unknown rationale_source {rationale_source!r}; expected template or policy")
         if rationale_tokens < 1:
             raise ValueError(f"rationale_tokens must be >= 1, got {rationale_tokens}")
+        check_sequence_settings(max_seq_length)
         self.save_hyperparameters()
         self.batch_size = batch_size
         self._build()
@@ -295,9 +302,10 @@ class EarlyExperienceDataModule(LightningDataModule):
         completion_ids = [ids + eos for ids in encode_candidates(self.tokenizer, list(completions))]
         return list(zip(encode_prompts(self.tokenizer, list(prompts)), completion_ids))
 
-    def collate(self, examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    def collate(self, examples: list[tuple[list[int], list[int]]], packing: bool = False) -> dict[str, torch.Tensor]:
         prompts, completions = zip(*examples)
-        return lm_batch(prompts, completions, self.tokenizer.pad_token_id, completion_only=True)
+        return lm_batch(prompts, completions, self.tokenizer.pad_token_id, completion_only=True,
+                        max_seq_length=self.hparams.max_seq_length, packing=packing)
 
     def pool_for_step(self, step: int) -> list[tuple[list[int], list[int]]]:
         """The examples update ``step`` draws from, by recipe."""

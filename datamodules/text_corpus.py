@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.distributed import EpochPermutation, per_device_batch, resumable, step_generator
 from models.lm_factory import build_tokenizer, load_tokenizer
-from models.lm_text import lm_batch, pad_with_mask
+from models.lm_text import check_sequence_settings, lm_batch, pad_with_mask
 
 # --- the generated corpus -------------------------------------------------------------------------------------
 NAMES = {
@@ -280,11 +280,14 @@ class CorpusDataModule(LightningDataModule):
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
     def _loader(self, items: list, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
+        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else in order (through
+        ``collate``, or the ``collate`` given)."""
         drop_last = shuffle and len(items) >= batch_size
         sampler = None
         if shuffle:  # seeded, so a resumed run draws the same order and continues where it stopped
             sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
-        return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate or self.collate,
+        return DataLoader(items, batch_size=batch_size, sampler=sampler,
+                          collate_fn=collate or (self.train_collate if shuffle else self.collate),
                           num_workers=self.hparams.num_workers, drop_last=drop_last)
 
     def prompt_items(self, split: str) -> list[tuple[list[int], int]]:
@@ -303,6 +306,10 @@ class CorpusDataModule(LightningDataModule):
     def collate(self, items: list) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def train_collate(self, items: list) -> dict[str, torch.Tensor]:
+        """A training batch (the subclass may pack it); ``collate`` unless overridden."""
+        return self.collate(items)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.items("train"), per_device_batch(self, self.batch_size)[0], shuffle=True)
 
@@ -316,20 +323,30 @@ class CorpusDataModule(LightningDataModule):
 class TextCorpusDataModule(CorpusDataModule):
     """Causal-LM batches for SFT: ``input_ids``, ``attention_mask``, ``labels`` (``-100`` where no loss is taken)."""
 
-    def __init__(self, *args, completion_only: bool = True, **kwargs) -> None:
+    def __init__(self, *args, completion_only: bool = True, max_seq_length: int | None = None, packing: bool = False,
+                 **kwargs) -> None:
         """
         Args:
             completion_only: Take the loss on the completion only (the prompt sentences are context).
+            max_seq_length: Longest example in tokens: a longer prompt loses its start, the completion is kept (``null``:
+                no cap beyond ``max_length``).
+            packing: Training batches put several examples in one row, each attending only to itself (rows of
+                ``max_seq_length`` tokens, or of the batch's longest example); validation and test are not packed.
         """
         super().__init__(*args, **kwargs)
-        self.completion_only = completion_only
+        check_sequence_settings(max_seq_length)
+        self.completion_only, self.max_seq_length, self.packing = completion_only, max_seq_length, packing
 
     def items(self, split: str) -> list[tuple[list[int], list[int]]]:
         return [self.encode_pair(*self.prompt_and_completion(i)) for i in self.split(split)]
 
-    def collate(self, items: list) -> dict[str, torch.Tensor]:
+    def collate(self, items: list, packing: bool = False) -> dict[str, torch.Tensor]:
         prompts, completions = zip(*items)
-        return lm_batch(prompts, completions, self.tokenizer.pad_token_id, self.completion_only)
+        return lm_batch(prompts, completions, self.tokenizer.pad_token_id, self.completion_only, self.max_seq_length,
+                        packing)
+
+    def train_collate(self, items: list) -> dict[str, torch.Tensor]:
+        return self.collate(items, packing=self.packing)
 
 
 class PreferenceDataModule(CorpusDataModule):

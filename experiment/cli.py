@@ -1,5 +1,6 @@
-"""The command line: ``python train.py {fit,validate,test,predict} --config configs/<system>/<x>.yaml``, and
-``python train.py tune --config configs/tuning/<x>.yaml`` (the tuning study, see ``tuning/cli.py``).
+"""The command line: ``python train.py {fit,validate,test,predict} --config configs/<system>/<x>.yaml``,
+``python train.py tune --config configs/tuning/<x>.yaml`` (the tuning study, see ``tuning/cli.py``) and
+``python train.py export --ckpt_path <ckpt> [--output <folder>]`` (an LM phase's Hugging Face folders).
 
 A config may start with ``base: <file>`` (or a list of files), paths relative to it: those configs are read
 first and this one overlays them, so an ablation file holds only what it changes.
@@ -291,11 +292,30 @@ def main(args: list[str] | None = None) -> LightningCLI | dict:
         exit_with_error(f"{one_line_error(error)}  (--debug shows the traceback)")
 
 
+def export(argv: list[str]) -> dict[str, str]:
+    """``export --ckpt_path <ckpt> [--output <folder>]``: the Hugging Face folders that fitting an LM phase writes
+    at its end, from one of its checkpoints (``lightning_modules.lm_phase.export_checkpoint``)."""
+    parser = argparse.ArgumentParser(prog="train.py export", description=export.__doc__.splitlines()[0],
+                                     allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--ckpt_path", required=True, help="Checkpoint of an LM phase (SFT, reward model, PPO, "
+                        "early experience).")
+    parser.add_argument("--output", default=None, help="Folder for model/ and adapter/ (default: <run>/hf).")
+    with one_line_config_errors():
+        args = parse_naming_keys(parser, argv)
+    from lightning_modules.lm_phase import export_checkpoint
+
+    written = export_checkpoint(args.ckpt_path, args.output)
+    print(f"Hugging Face folders: {', '.join(written.values())}")
+    return written
+
+
 def _run(argv: list[str], parser_kwargs: dict) -> LightningCLI | dict:
     if argv[:1] == ["tune"]:
         from tuning.cli import main as tune
 
         return tune(argv[1:])
+    if argv[:1] == ["export"]:
+        return export(argv[1:])
     # The expanded argv is passed as ``args``; a DDP launcher re-runs the original sys.argv, which expands alike.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return ExperimentCLI(

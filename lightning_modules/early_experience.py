@@ -92,7 +92,8 @@ class EarlyExperienceAgent(LMPhase):
         self.val_metrics, self.test_metrics = episode_metrics("val"), episode_metrics("test")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = completion_loss(self.lm, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        loss = completion_loss(self.lm, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                               batch.get("position_ids"))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 

@@ -13,8 +13,10 @@ Contract with the DataModule: it has a ``tokenizer`` attribute (``TokenizerSourc
 
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 from lightning_modules.guarded import GuardedModule, non_finite_names, read_checkpoint
-from models.lm_factory import LMSettings, build_causal_lm, export_hf, merged_state_dict
+from models.lm_factory import LMSettings, LoraSettings, build_causal_lm, export_hf, merged_state_dict
 
 LRDecay = Literal["constant", "linear", "cosine"]
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}  # prefix of Lightning's precision -> compute dtype
@@ -56,6 +58,67 @@ def checkpoint_lm_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
     hparams = checkpoint.get("hyper_parameters", {})
     settings = hparams.get("lm", hparams)
     return {k: settings[k] for k in ("model_name", "hidden_size", "num_layers", "num_heads") if k in settings}
+
+
+def lm_settings_from_dict(settings: dict[str, Any]) -> LMSettings:
+    """``LMSettings`` from the plain dict a checkpoint's hyperparameters hold."""
+    lora = settings.get("lora")
+    return LMSettings(**{**settings, "lora": LoraSettings(**lora) if isinstance(lora, dict) else lora})
+
+
+def lm_state(module_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The LM's weights in a phase's state dict (its ``lm.`` entries, without the prefix)."""
+    return {k.removeprefix("lm."): v for k, v in module_state.items() if k.startswith("lm.")}
+
+
+def _import(path: str | None) -> Any:
+    module, _, name = (path or "").rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def _init_arguments(hparams: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in hparams.items() if k not in ("_class_path", "_instantiator")}
+
+
+def export_checkpoint(ckpt_path: str, output: str | os.PathLike | None = None) -> dict[str, str]:
+    """The Hugging Face folders that fitting writes at its end (``LMPhase.on_fit_end``), from a saved checkpoint of an
+    LM phase: ``model`` (merged weights + tokenizer) and, with LoRA, ``adapter``; a 4-bit phase writes its adapter
+    only. The tokenizer comes from the checkpoint's DataModule settings. ``output`` defaults to ``<run>/hf`` for a
+    checkpoint in ``<run>/checkpoints/``. Returns the paths written."""
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    name = checkpoint.get("module_class") or hparams.get("_class_path")
+    phase = _import(name)
+    if not (isinstance(phase, type) and issubclass(phase, LMPhase)):
+        raise ValueError(f"{ckpt_path!r} was written by {name or 'an unknown model'}, not by an LM phase: export "
+                         "takes the checkpoint of an SFT, reward-model, PPO or early-experience run")
+    data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    datamodule = _import(data_hparams.get("_class_path"))
+    if datamodule is None:
+        raise ValueError(f"{ckpt_path!r} does not name its DataModule, so its tokenizer cannot be rebuilt: export "
+                         "checkpoints written by `train.py fit`")
+    tokenizer = datamodule(**_init_arguments(data_hparams)).tokenizer
+    settings = lm_settings_from_dict(hparams.get("lm", {}))
+    four_bit = settings.load_in_4bit  # its base was quantised: the trained adapter is what there is to export
+    module = phase(**{**_init_arguments(hparams), "lm": replace(settings, load_in_4bit=False), "init_from": None})
+    module.tokenizer = tokenizer
+    lm = module._build_lm(None)
+    saved = lm_state(checkpoint["state_dict"])
+    if four_bit:
+        expected = {k for k in lm.state_dict() if "lora_" in k}
+        saved = {k: v for k, v in saved.items() if k in expected}
+        if set(saved) != expected:
+            raise ValueError(f"{ckpt_path!r} lacks LoRA weights {sorted(expected - set(saved))[:3]}")
+        lm.load_state_dict(saved, strict=False)
+    else:
+        lm.load_state_dict(saved)
+    if output is None:
+        folder = Path(ckpt_path).resolve().parent
+        output = (folder.parent if folder.name == "checkpoints" else folder) / "hf"
+    return export_hf(lm, tokenizer, output, merged=not four_bit)
 
 
 def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -143,6 +206,10 @@ class LMPhase(GuardedModule):
         four_bit = settings.load_in_4bit and lora is not None
         if four_bit:
             self._check_strategy_for_4bit()
+        if lora is not None and self._sharded():
+            raise ValueError(f"a LoRA adapter is not trained under {type(self.trainer.strategy).__name__}: use DDP "
+                             "(configs/trainer/ddp.yaml; each process holds the frozen base), or shard full "
+                             "fine-tuning with --model.init_args.lm.lora null")
         device_map, dtype = self._placement()
         size = settings.size | {k: v for k, v in overrides.items() if k != "model_name"}
         lm = build_causal_lm(
@@ -158,6 +225,11 @@ class LMPhase(GuardedModule):
             if lora is not None:  # the frozen embeddings give no gradient for checkpointed blocks to pass back
                 lm.enable_input_require_grads()
         return lm
+
+    def _sharded(self) -> bool:
+        """Whether the Trainer shards the weights across processes (FSDP, DeepSpeed)."""
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
+        return "FSDP" in strategy or "DeepSpeed" in strategy
 
     def _check_strategy_for_4bit(self) -> None:
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else ""
@@ -200,13 +272,21 @@ class LMPhase(GuardedModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_fit_end(self) -> None:
-        if self.hparams.export and self.trainer.is_global_zero:
+        if not self.hparams.export:
+            return
+        lm = self.lm
+        if self._sharded():  # every process takes part in gathering the whole weights; the first one writes them
+            state = lm_state(self.trainer.strategy.lightning_module_state_dict())
+            lm = self._build_lm(state, adapter=False) if self.trainer.is_global_zero else None
+        if self.trainer.is_global_zero:
             from experiment.save_config import run_dir
 
-            written = export_hf(self.lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
+            written = export_hf(lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
             self.print(f"Hugging Face folders: {', '.join(written.values())}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        if not self.lm_settings.load_in_4bit:
+        if self._sharded():  # the strategy gathered the whole weights into the checkpoint (no adapter to merge)
+            checkpoint["merged_lm"] = lm_state(checkpoint["state_dict"])
+        elif not self.lm_settings.load_in_4bit:
             checkpoint["merged_lm"] = merged_state_dict(self.lm)

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.text import Perplexity
 
 from lightning_modules.lm_phase import LMPhase
-from models.lm_text import IGNORE_INDEX, causal_lm_loss, greedy_texts
+from models.lm_text import IGNORE_INDEX, causal_lm_loss, greedy_texts, model_inputs
 
 
 class CausalLMSFT(LMPhase):
@@ -31,7 +31,7 @@ class CausalLMSFT(LMPhase):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
 
     def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.lm(**model_inputs(batch)).logits
         return causal_lm_loss(logits, batch["labels"]), logits
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

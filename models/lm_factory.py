@@ -238,6 +238,21 @@ def tiny_config(
     return SmolLM3Config(**common, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(num_layers)])
 
 
+def is_decoder_layer(module: nn.Module) -> bool:
+    """A transformer block of a ``transformers`` decoder (the unit it checkpoints: ``GradientCheckpointingLayer``)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers before 4.52: the blocks are named ``...DecoderLayer`` / ``...Layer``
+        return type(module).__name__.endswith(("DecoderLayer", "Block")) or type(module).__name__ == "GPTNeoXLayer"
+    return isinstance(module, GradientCheckpointingLayer)
+
+
+def decoder_layer_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP wrapping / activation-checkpointing policy (``torch.distributed.fsdp.wrap`` signature): every decoder
+    layer is its own unit, whatever the architecture."""
+    return recurse or is_decoder_layer(module)
+
+
 def lora_targets(model: nn.Module, target_modules: list[str] | str) -> list[str]:
     """Resolve ``auto`` to the attention projections of ``model``'s architecture and check the names exist."""
     if target_modules == "auto":
@@ -390,10 +405,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def export_hf(model: nn.Module, tokenizer, folder: str | os.PathLike) -> dict[str, str]:
+def export_hf(model: nn.Module, tokenizer, folder: str | os.PathLike, merged: bool = True) -> dict[str, str]:
     """Hugging Face folders of a trained LM under ``folder``: ``model`` (the weights with any LoRA adapter merged
     in, and the tokenizer; ``AutoModelForCausalLM.from_pretrained`` loads it) and, for a LoRA model, ``adapter``
-    (``PeftModel.from_pretrained`` on the base model). A 4-bit model exports its adapter only. Returns the paths."""
+    (``PeftModel.from_pretrained`` on the base model). A 4-bit model, or ``merged=False``, exports its adapter only.
+    Returns the paths."""
     from peft import PeftModel
 
     folder = Path(folder)
@@ -404,9 +420,9 @@ def export_hf(model: nn.Module, tokenizer, folder: str | os.PathLike) -> dict[st
         written["adapter"] = str(folder / "adapter")
     four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(
         getattr(model, "base_model", None), "is_loaded_in_4bit", False)
-    if not four_bit:
-        merged = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
-        merged.save_pretrained(folder / "model")
+    if merged and not four_bit:
+        plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
+        plain.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
         written["model"] = str(folder / "model")
     return written

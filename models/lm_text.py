@@ -38,14 +38,82 @@ def pad_with_mask(sequences: Sequence[Sequence[int]], pad_id: int, left: bool = 
     return pad(sequences, pad_id, left), pad([[1] * len(s) for s in sequences], 0, left)
 
 
+def check_sequence_settings(max_seq_length: int | None) -> None:
+    """A sequence cap is ``None`` (none) or at least 2 tokens (a prompt token and a completion token)."""
+    if max_seq_length is not None and max_seq_length < 2:
+        raise ValueError(f"max_seq_length must be >= 2 or null, got {max_seq_length}")
+
+
+def truncate_prompt(prompt: Sequence[int], completion: Sequence[int], max_seq_length: int) -> tuple[list[int], list[int]]:
+    """``prompt`` cut from the left so that prompt + completion fit ``max_seq_length`` tokens, keeping the completion
+    (only a completion longer than the cap is cut, from the right, after the prompt's last token)."""
+    check_sequence_settings(max_seq_length)
+    prompt, completion = list(prompt), list(completion)
+    if len(prompt) + len(completion) <= max_seq_length:
+        return prompt, completion
+    keep = max(1, max_seq_length - len(completion))  # one prompt token at least predicts the completion's first
+    return prompt[-keep:], completion[: max_seq_length - keep]
+
+
 def lm_batch(prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int,
-             completion_only: bool) -> dict[str, Tensor]:
+             completion_only: bool, max_seq_length: int | None = None, packing: bool = False) -> dict[str, Tensor]:
     """Right-padded ``input_ids``/``attention_mask``/``labels`` (``-100`` on padding, and on prompts when
-    ``completion_only``)."""
-    ids = [p + c for p, c in zip(prompts, completions)]
-    labels = [([IGNORE_INDEX] * len(p) if completion_only else p) + c for p, c in zip(prompts, completions)]
+    ``completion_only``).
+
+    ``max_seq_length`` caps every example (:func:`truncate_prompt`: the prompt loses its start, the completion is
+    kept). ``packing`` puts several examples in one row (:func:`pack`): the batch then has ``position_ids`` restarting
+    at every example and no ``attention_mask``, so no token attends to another example.
+    """
+    if max_seq_length is not None:
+        prompts, completions = zip(*(truncate_prompt(p, c, max_seq_length) for p, c in zip(prompts, completions)))
+    ids = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    labels = [([IGNORE_INDEX] * len(p) if completion_only else list(p)) + list(c) for p, c in zip(prompts, completions)]
+    if packing:
+        return pack(ids, labels, pad_id, max_seq_length)
     input_ids, attention_mask = pad_with_mask(ids, pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(labels, IGNORE_INDEX)}
+
+
+def pack(ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int,
+         row_length: int | None = None) -> dict[str, Tensor]:
+    """Examples placed first-fit, in order, into rows of ``row_length`` tokens (``None``: the longest example's):
+    ``input_ids``, ``labels`` and ``position_ids`` (0 at every example's first token; padding counts as one more
+    example) without an ``attention_mask``, which is how ``transformers`` reads packed rows (each example attends
+    only to itself; run the model with ``use_cache=False``, see :func:`model_inputs`). An example's first label is ``-100``: it would be predicted from the previous example."""
+    require_packed_attention()
+    row_length = max(row_length or 0, max(map(len, ids)))
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    for tokens, targets in zip(ids, labels):
+        row = next((r for r in rows if len(r[0]) + len(tokens) <= row_length), None)
+        if row is None:
+            row = ([], [], [])
+            rows.append(row)
+        row[0].extend(tokens)
+        row[1].extend([IGNORE_INDEX, *targets[1:]])
+        row[2].extend(range(len(tokens)))
+    width = max(len(r[0]) for r in rows)
+    fill = [width - len(r[0]) for r in rows]
+    return {
+        "input_ids": pad([r[0] + [pad_id] * n for r, n in zip(rows, fill)], pad_id),
+        "labels": pad([r[1] + [IGNORE_INDEX] * n for r, n in zip(rows, fill)], IGNORE_INDEX),
+        "position_ids": pad([r[2] + list(range(n)) for r, n in zip(rows, fill)], 0),
+    }
+
+
+def require_packed_attention() -> None:
+    """Packed rows need ``transformers`` to read example boundaries from ``position_ids`` (``masking_utils``, 4.54+);
+    older versions would let examples attend to each other."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError as error:
+        raise ValueError("packing needs transformers >= 4.54 (packed rows read from position_ids): upgrade it or "
+                         "set packing false") from error
+
+
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | bool]:
+    """The keys of a batch that the LM's forward takes (``attention_mask`` or, for packed rows, ``position_ids``),
+    without a KV cache: ``transformers`` reads packed rows from ``position_ids`` only when there is none."""
+    return {"use_cache": False, **{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}}
 
 
 # --- loss -------------------------------------------------------------------------------------------------------
@@ -57,20 +125,24 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> T
                            reduction=reduction)
 
 
-def _labelled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                     labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _labelled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                     position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Logits of the positions that predict a labelled token (the output layer runs on those only), their target
-    tokens, and the ``[B, L - 1]`` mask of those positions."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    tokens, and the ``[B, L - 1]`` mask of those positions. Packed rows pass ``position_ids`` and no
+    ``attention_mask`` (see :func:`pack`)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     predicting = targets != IGNORE_INDEX
     return model.get_output_embeddings()(hidden[:, :-1][predicting]).float(), targets[predicting], predicting
 
 
-def completion_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+def completion_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                    position_ids: Tensor | None = None) -> Tensor:
     """:func:`causal_lm_loss` of ``model`` with the output layer run only on the positions that predict a labelled
-    token (a few per row for a short completion): the same loss and gradients, less compute."""
-    logits, targets, _ = _labelled_logits(model, input_ids, attention_mask, labels)
+    token (a few per row for a short completion): the same loss and gradients, less compute. Packed rows pass
+    ``position_ids`` and no ``attention_mask`` (see :func:`pack`)."""
+    logits, targets, _ = _labelled_logits(model, input_ids, attention_mask, labels, position_ids)
     return F.cross_entropy(logits, targets)
 
 

@@ -1,6 +1,9 @@
 """Every LM phase writes Hugging Face folders at the end of fit: the merged model + tokenizer and the adapter."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Trainer
@@ -8,6 +11,7 @@ from lightning.pytorch import Trainer
 from datamodules.text_corpus import TextCorpusDataModule
 from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import LMSettings, LoraSettings
+from tests.conftest import REPO
 
 
 def test_fit_exports_a_merged_model_and_an_adapter_that_reload_to_the_same_logits(tmp_path):
@@ -69,3 +73,52 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         module.model_step(batch)[0].backward()
         grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def _fit_cli(tmp_path, *overrides):
+    from experiment.cli import main
+
+    return main(["fit", "--config", str(REPO / "configs/rlhf/sft.yaml"), "--trainer.max_steps", "3",
+                 "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+                 "--trainer.default_root_dir", str(tmp_path), "--data.init_args.num_stories", "40",
+                 "--data.init_args.vocab_size", "320", "--data.init_args.tokenizer_cache", str(tmp_path / "tok"),
+                 "--model.init_args.lm.hidden_size", "32", "--model.init_args.lm.num_layers", "1",
+                 "--model.init_args.lm.num_heads", "2", "--model.init_args.export", "false", *overrides])
+
+
+def test_export_subcommand_writes_the_folders_of_fit_from_a_checkpoint(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from experiment.cli import main
+
+    fit = _fit_cli(tmp_path, "--model.init_args.lm.lora.r", "4", "--model.init_args.optimizer.init_args.lr", "0.05")
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    run = Path(ckpt).parent.parent
+    assert not (run / "hf").exists()  # export false: nothing written at the end of fit
+    written = main(["export", "--ckpt_path", ckpt])
+    assert written == {"adapter": str(run / "hf" / "adapter"), "model": str(run / "hf" / "model")}
+    lm = fit.model.lm.eval()
+    ids = next(iter(fit.datamodule.val_dataloader()))["input_ids"][:4]
+    with torch.no_grad():
+        expected = lm(input_ids=ids).logits
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(run / "hf" / "model")(input_ids=ids).logits,
+                              expected, atol=1e-5)
+        base = copy.deepcopy(lm).unload()  # the frozen base the adapter goes on
+        assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapter trained
+        adapted = PeftModel.from_pretrained(base, run / "hf" / "adapter").eval()
+        assert torch.allclose(adapted(input_ids=ids).logits, expected, atol=1e-5)
+    assert set(main(["export", "--ckpt_path", ckpt, "--output", str(tmp_path / "elsewhere")])) == {"adapter", "model"}
+    assert (tmp_path / "elsewhere" / "model" / "tokenizer.json").exists()
+
+
+def test_export_of_a_checkpoint_that_is_not_an_lm_phase_is_one_line(tmp_path):
+    ckpt = tmp_path / "tool_agent.ckpt"
+    torch.save({"module_class": "lightning_modules.tool_agent.ToolAgentA2C", "state_dict": {}}, ckpt)
+    done = subprocess.run([sys.executable, str(REPO / "train.py"), "export", "--ckpt_path", str(ckpt)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"Error: ValueError: '{ckpt}' was written by lightning_modules.tool_agent.ToolAgentA2C, not by an LM phase: "
+        "export takes the checkpoint of an SFT, reward-model, PPO or early-experience run  (--debug shows the "
+        "traceback)"]

@@ -29,7 +29,7 @@ from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalt
 from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBackend, extract_json
 from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
-from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space, suggest
+from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space, sampled_hparams, suggest
 from tuning.study import StudySettings, Tuning
 from tuning.trial import SEED_TARGETS, TrialSettings
 
@@ -694,3 +694,17 @@ def test_two_workers_share_one_study(tmp_path):
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 4 and len({tuple(sorted(t.params.items())) for t in complete}) == 4
     assert all("messages" in t.user_attrs and "metrics" in t.user_attrs for t in complete)
+
+
+@pytest.mark.parametrize("method", ["agentic", "tpe", "random"])
+def test_every_method_starts_from_the_same_configuration(tmp_path, data, monkeypatch, method):
+    monkeypatch.setattr("tuning.study.run_trial", fake_trial())
+    first = {}
+    for from_default in (True, False):
+        storage = f"sqlite:///{tmp_path}/{method}_{from_default}.db"
+        study = quick_tuning(storage, data, 2, method=method, seed=3, start_from_default=from_default).run()
+        first[from_default] = study.trials[0].params
+    assert first[True] == DEFAULT_HPARAMS  # TPE and random search get the agents' default first
+    assert first[False] != DEFAULT_HPARAMS
+    if method != "tpe":  # without it, the agents start where random search starts (TPE's startup draws differ)
+        assert first[False] == sampled_hparams(3)

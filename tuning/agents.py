@@ -132,11 +132,12 @@ class Tuner(Agent):
     def rule(self, ctx: Context) -> dict[str, Any]:
         best = ctx.best()
         in_flight = ctx.extra.get("in_flight", [])  # configurations other workers are running now
-        if best is None and DEFAULT_HPARAMS not in in_flight:
-            return {"say": "First episode: the default configuration.", "hparams": dict(DEFAULT_HPARAMS),
+        start_hparams = ctx.extra.get("start_hparams", DEFAULT_HPARAMS)  # the study's starting configuration
+        if best is None and start_hparams not in in_flight:
+            return {"say": "First episode: the starting configuration.", "hparams": dict(start_hparams),
                     "seal_plan": {"seal_epochs": 1}}
-        base = dict(best["hparams"] if best else DEFAULT_HPARAMS)
-        origin = f"the best episode {best['episode']}" if best else "the default configuration (running elsewhere)"
+        base = dict(best["hparams"] if best else start_hparams)
+        origin = f"the best episode {best['episode']}" if best else "the starting configuration (running elsewhere)"
         start = ctx.extra.get("started", ctx.episode)
         for offset in range(len(COORDINATES)):
             name = COORDINATES[(start + offset) % len(COORDINATES)]

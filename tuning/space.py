@@ -40,6 +40,15 @@ DEFAULT_HPARAMS: dict[str, Any] = {"lr": 2e-4, "batch_size": 4, "epochs": 1, "wa
                                    "lora_alpha": 16, "lora_dropout": 0.05}
 
 
+def sampled_hparams(seed: int) -> dict[str, Any]:
+    """The first configuration that random search with sampler seed ``seed`` runs (Optuna's ``RandomSampler``): a
+    starting point that favours no method."""
+    import optuna
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return suggest(study.ask())
+
+
 def describe_space() -> str:
     """``SPACE`` as the agents' prompts state it: ``lr [1e-05, 0.0005] (log scale), batch_size {1, 2, 4, 8}, ...``."""
     parts = []

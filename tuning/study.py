@@ -29,7 +29,7 @@ from tuning.agents import Context, Judge, QAEvaluator, QAGenerator, RewardPenalt
 from tuning.backends import BackendSettings, make_backend
 from tuning.qa import evaluate_qa
 from tuning.seal import SealSettings, seal_stage
-from tuning.space import SPACE, check_minimums, suggest
+from tuning.space import DEFAULT_HPARAMS, SPACE, check_minimums, sampled_hparams, suggest
 from tuning.trial import TrialSettings, run_trial
 
 # Heartbeats and stale-trial retries are marked experimental by Optuna; they are what resume relies on.
@@ -51,7 +51,7 @@ class StudySettings:
     n_trials: int = 8
     """Finished episodes the study should hold (counted over all workers and earlier runs)."""
     seed: int = 0
-    """Seed of the baseline samplers."""
+    """Seed of the baseline samplers (and of the agents' start when ``start_from_default`` is false)."""
     tpe_startup_trials: int = 4
     """Random trials before TPE starts modelling (Optuna's default of 10 would make a 10-trial TPE study a random
     search)."""
@@ -67,6 +67,10 @@ class StudySettings:
     """A running trial without a heartbeat for this long belongs to a dead worker: it fails and is re-queued."""
     max_retry: int = 2
     """Times a dead worker's trial is re-queued."""
+    start_from_default: bool = True
+    """Every method's first episode is the agents' default configuration (``tuning.space.DEFAULT_HPARAMS``; TPE and
+    random search have it enqueued), so a comparison does not measure the starting point. ``false``: the agents
+    start from random search's first configuration for ``seed``, and the baselines sample from the start."""
     qa: bool = True
     """Score held-out QA after every agentic episode."""
     export_messages: str | None = "outputs/tuning/default_messages.jsonl"
@@ -254,6 +258,8 @@ class Tuning:
         if done + len(running) >= self.settings.n_trials:
             return "wait"
         waiting = [t for t in trials if t.state == TrialState.WAITING]
+        if self.settings.method != "agentic" and self.settings.start_from_default and not trials:
+            self.study.enqueue_trial(dict(DEFAULT_HPARAMS))  # the baselines' first episode: the agents' start
         if self.settings.method == "agentic" and not waiting:
             in_flight = [hparams_of(t) for t in running]
             if not self._propose(len(trials), in_flight):
@@ -264,7 +270,9 @@ class Tuning:
         """Judge -> Reward-Penalty -> Tuner -> merge; enqueue the episode. ``False`` when the Judge stops.
         ``in_flight``: hyperparameters of other workers' running trials, which the proposal must not repeat."""
         past = history(self.study)
-        ctx = Context(past, started, extra={"started": started, "in_flight": list(in_flight)})
+        start_hparams = DEFAULT_HPARAMS if self.settings.start_from_default else sampled_hparams(self.settings.seed)
+        ctx = Context(past, started, extra={"started": started, "in_flight": list(in_flight),
+                                            "start_hparams": start_hparams})
         notes = []
         if past:
             verdict, message = self.judge.act(ctx, self.backend)
