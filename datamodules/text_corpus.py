@@ -274,12 +274,21 @@ class CorpusDataModule(LightningDataModule):
     def split(self, name: str) -> list[int]:
         return self.split_indices[name]
 
+    @property
+    def generated(self) -> bool:
+        """Whether the documents are the generator's stories (the story judge, ``envs.story_judge``, applies)."""
+        return self.stories[0] is not None
+
+    def prompt_sentence_count(self, sentences: Sequence[str]) -> int:
+        """How many leading sentences of a document form its prompt (at least one is left to complete)."""
+        return min(self.hparams.prompt_sentences, max(1, len(sentences) - 1))
+
     def prompt_and_completion(self, index: int) -> tuple[str, str]:
         hp = self.hparams
         if hp.prompt_column is not None:
             return self.record_prompt_and_completion(self.records[index])
         sentences = split_sentences(self.documents[index])
-        k = min(self.hparams.prompt_sentences, max(1, len(sentences) - 1))
+        k = self.prompt_sentence_count(sentences)
         return " ".join(sentences[:k]), " ".join(sentences[k:])
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -289,7 +298,7 @@ class CorpusDataModule(LightningDataModule):
         sentences keeps the token count, and the token length of a corrupted story is no cue.
         """
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.tokenizer(" " + prompt, add_special_tokens=False).input_ids
+        return bos + (self.tokenizer(" " + prompt, add_special_tokens=False).input_ids if prompt else [])
 
     def encode_completion(self, completion: str) -> list[int]:
         """Completion tokens (with the leading space that joins it to the prompt) + ``<eos>``."""
@@ -300,15 +309,26 @@ class CorpusDataModule(LightningDataModule):
         p, c = self.encode_prompt(prompt), self.encode_completion(completion)
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
-    def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
-        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else in order."""
+    def _loader(self, items: list, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
+        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else in order (through
+        ``collate``, or the ``collate`` given)."""
         drop_last = shuffle and len(items) >= batch_size
         sampler = None
         if shuffle:  # seeded, so a resumed run draws the same order and continues where it stopped
             sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
         return DataLoader(items, batch_size=batch_size, sampler=sampler,
-                          collate_fn=self.train_collate if shuffle else self.collate,
+                          collate_fn=collate or (self.train_collate if shuffle else self.collate),
                           num_workers=self.hparams.num_workers, drop_last=drop_last)
+
+    def prompt_items(self, split: str) -> list[tuple[list[int], int]]:
+        """``(prompt tokens, document index)`` of every document of a split."""
+        return [(self.encode_prompt(self.prompt_and_completion(i)[0]), i) for i in self.split(split)]
+
+    def collate_prompts(self, items: list) -> dict[str, torch.Tensor]:
+        """Left-padded ``prompt_ids``/``prompt_mask`` and the documents' ``index``."""
+        prompts, index = zip(*items)
+        prompt_ids, prompt_mask = pad_with_mask(prompts, self.tokenizer.pad_token_id, left=True)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "index": torch.tensor(index)}
 
     def items(self, split: str) -> list:
         raise NotImplementedError
@@ -437,6 +457,55 @@ class PreferenceDataModule(CorpusDataModule):
                 "rejected_mask": rejected_mask}
 
 
+class PreferencePromptDataModule(PreferenceDataModule):
+    """The reward model's preference pairs (``PreferenceDataModule``, same seeds: the same pairs) as one prompt and
+    two completions, for DPO; validation and test also give the split's prompts for the paired generation
+    evaluation.
+
+    A pair's prompt is the chosen story's leading ``prompt_sentences`` sentences when the rejected copy starts with
+    the same ones (always for the ``name``, ``pronoun`` and ``object`` corruptions, which keep the introduction);
+    a shuffle that moved them gets an empty prompt: the pair is conditioned on ``<bos>`` alone and both whole texts
+    are the completions. Pair batches hold ``input_ids``/``attention_mask``/``labels`` with ``2B`` rows, the ``B``
+    chosen completions first and the ``B`` rejected ones after them (labels ``-100`` on prompts and padding).
+    Validation and test give two loaders: these pairs, then prompt batches (``prompt_ids``/``prompt_mask``/
+    ``index``, as ``PromptDataModule``).
+    """
+
+    def prompted_pairs(self, split: str) -> list[tuple[str, str, str]]:
+        """``(prompt, chosen completion, rejected completion)`` texts of a split."""
+        out = []
+        for chosen, rejected in self.pairs(split):
+            sentences = split_sentences(chosen)
+            prompt = " ".join(sentences[: self.prompt_sentence_count(sentences)])
+            if rejected.startswith(prompt + " "):
+                out.append((prompt, chosen[len(prompt) + 1:], rejected[len(prompt) + 1:]))
+            else:
+                out.append(("", chosen, rejected))
+        return out
+
+    def items(self, split: str) -> list[tuple[list[int], list[int], list[int]]]:
+        out = []
+        for prompt, chosen, rejected in self.prompted_pairs(split):
+            prompt_ids, chosen_ids = self.encode_pair(prompt, chosen)
+            out.append((prompt_ids, chosen_ids, self.encode_pair(prompt, rejected)[1]))
+        return out
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        prompts, chosen, rejected = zip(*items)
+        return lm_batch(prompts * 2, chosen + rejected, self.tokenizer.pad_token_id, completion_only=True)
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        batch_size = self.hparams.eval_batch_size
+        return [self._loader(self.items(split), batch_size, shuffle=False),
+                self._loader(self.prompt_items(split), batch_size, shuffle=False, collate=self.collate_prompts)]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+
 class PromptDataModule(CorpusDataModule):
     """Prompts for PPO and generation: left-padded ``prompt_ids``/``prompt_mask`` and ``index`` (the document,
     whose completion is the reference for ROUGE/BLEU)."""
@@ -458,12 +527,10 @@ class PromptDataModule(CorpusDataModule):
         return self.prompt_and_completion(index)[1]
 
     def items(self, split: str) -> list[tuple[list[int], int]]:
-        return [(self.encode_prompt(self.prompt_and_completion(i)[0]), i) for i in self.split(split)]
+        return self.prompt_items(split)
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
-        prompts, index = zip(*items)
-        prompt_ids, prompt_mask = pad_with_mask(prompts, self.tokenizer.pad_token_id, left=True)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "index": torch.tensor(index)}
+        return self.collate_prompts(items)
 
     def train_dataloader(self) -> DataLoader:
         items = self.items("train")

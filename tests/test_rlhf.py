@@ -443,7 +443,8 @@ def test_validation_win_rate_in_band_is_the_win_rate_only_while_the_kl_is_not_ab
         assert n % 4 == 0
         reward = torch.tensor([1.0, 0.0, -1.0, -1.0]).repeat(n // 4)
         kl = torch.tensor([2.8, 3.0]).repeat(n // 2)
-        return {"reward": reward, "reward_ref": torch.zeros(n), "kl": kl, "length": torch.ones(n), "texts": []}
+        return {"reward": reward, "reward_ref": torch.zeros(n), "kl": kl, "length": torch.ones(n), "texts": [""] * n,
+                "ref_texts": [""] * n}
 
     module.compare = compare
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
@@ -564,7 +565,7 @@ def test_model_overlay_sets_model_and_tokenizer_of_every_phase(overlay, capsys):
     import yaml
 
     name = yaml.safe_load(overlay.read_text())["model"]["init_args"]["lm"]["model_name"]
-    for phase in ("sft", "reward", "ppo"):
+    for phase in ("sft", "reward", "ppo", "dpo"):
         base = yaml.safe_load((REPO / f"configs/rlhf/{phase}.yaml").read_text())
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(REPO / f"configs/rlhf/{phase}.yaml"), "--config", str(overlay),
