@@ -158,8 +158,9 @@ class GRPO(PolicyRL):
         advantages, tied = group_advantages(rewards, rollout.groups, hp.advantage_eps)
         buffer = {"ids": rollout.ids, "mask": rollout.mask, "trainable": rollout.trainable, "logprobs": logprobs,
                   "ref_logprobs": ref_logprobs, "advantages": advantages, "start": torch.tensor(rollout.start)}
-        logs = {"train/reward": rollout.rewards.mean(), "train/kl": kl.mean(), "train/adv_zero_frac": tied.float().mean(),
-                "train/response_length": trainable.sum(1).mean(), **rollout.logs}
+        logs = {"train/reward": rollout.rewards.mean(), "train/kl": kl.mean(),
+                "train/adv_zero_frac": tied.float().mean(), "train/response_length": trainable.sum(1).mean(),
+                **rollout.logs}
         return buffer, logs
 
     # --- learning ---------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ class GRPO(PolicyRL):
         hp = self.hparams
         self._buffer, logs = self.collect(batch)
         n = len(self._buffer["ids"])
-        size = per_device_batch(self, hp.minibatch_size)[0]
+        size = per_device_batch(self, hp.minibatch_size)[0]  # the module knows its trainer as a DataModule does
         # The same order on every rank; each rank shuffles its own rollout.
         generator = step_generator(self.sampling_seed, step=self.global_step, attempt=1)
         self._queue = minibatch_indices(n, size, hp.ppo_epochs, generator)
