@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from datamodules.distributed import step_generator
 from lightning_modules.policy_rl import PolicyRL
-from lightning_modules.rl import clipped_policy_loss, clipped_value_loss, gae, masked_mean, masked_normalize
+from lightning_modules.rl import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    kl_k3,
+    masked_mean,
+    masked_normalize,
+    minibatch_indices,
+    shaped_scores,
+)
 from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import (
     AdaptiveKLController,
@@ -167,10 +176,9 @@ class PPORLHF(PolicyRL):
 
     # --- acting -----------------------------------------------------------------------------------------------
     def _kl(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-        log_ratio = logprobs - ref_logprobs
         if self.hparams.kl_estimator == "k3":
-            return (-log_ratio).exp() - 1 + log_ratio
-        return log_ratio
+            return kl_k3(logprobs, ref_logprobs)
+        return logprobs - ref_logprobs
 
     @torch.no_grad()
     def collect(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -189,11 +197,8 @@ class PPORLHF(PolicyRL):
         values = self.value_head(hidden)
         ref_logprobs = self._reference_logprobs(ids, mask, p)
         raw_score = self.reward_model(ids, mask)
-        score = raw_score
-        if hp.missing_eos_penalty is not None:
-            has_eos = ((response == self.tokenizer.eos_token_id) & response_mask).any(1)
-            score = score - hp.missing_eos_penalty * (~has_eos).float()
-        score = score.clamp(-hp.reward_clip, hp.reward_clip)
+        score = shaped_scores(raw_score, response, response_mask, self.tokenizer.eos_token_id, hp.reward_clip,
+                              hp.missing_eos_penalty)
         rmask = response_mask.float()
         kl = self._kl(logprobs, ref_logprobs) * rmask
         rewards = -self.kl_coef_value * kl
@@ -259,10 +264,8 @@ class PPORLHF(PolicyRL):
             return False
         if self._accepted[-1] is not state:
             self._accepted.append(state)
-        size = min(hp.minibatch_size, n)
         generator = torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step)
-        self._queue = [chunk for _ in range(hp.ppo_epochs) for chunk in torch.randperm(n, generator=generator)
-                       .split(size) if len(chunk) == size]
+        self._queue = minibatch_indices(n, hp.minibatch_size, hp.ppo_epochs, generator)
         if hp.kl_target is not None:
             controller = AdaptiveKLController(float(self.kl_coef_value), hp.kl_target, hp.kl_horizon)
             self.kl_coef_value.fill_(controller.update(kl, n * self.trainer.world_size))

@@ -565,7 +565,7 @@ def test_model_overlay_sets_model_and_tokenizer_of_every_phase(overlay, capsys):
     import yaml
 
     name = yaml.safe_load(overlay.read_text())["model"]["init_args"]["lm"]["model_name"]
-    for phase in ("sft", "reward", "ppo", "dpo"):
+    for phase in ("sft", "reward", "ppo", "dpo", "grpo"):
         base = yaml.safe_load((REPO / f"configs/rlhf/{phase}.yaml").read_text())
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(REPO / f"configs/rlhf/{phase}.yaml"), "--config", str(overlay),
