@@ -59,7 +59,8 @@ class PPORLHF(PolicyRL):
 
     Logged metrics: ``train/score`` (reward-model score of the samples), ``train/kl`` (sequence KL to the
     reference), ``train/kl_coef``, ``train/policy_loss``, ``train/value_loss``, ``train/approx_kl``,
-    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
+    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``, ``train/epoch_end_kl``
+    (the KL of a last rollout at each epoch end, which returns to the last accepted policy when above ``max_kl``),
     ``train/rollback_count`` (all rollbacks so far), ``train/kl_loss`` (with ``kl_loss_coef``),
     ``train/rollout_tokens_per_s``; validation and test as ``PolicyRL`` (the policy against its reference on the
     same prompts), and ``val/win_rate_in_band`` (the win rate while ``val/kl`` is not above the KL controller's
@@ -304,6 +305,19 @@ class PPORLHF(PolicyRL):
                 raise FloatingPointError(f"PPO: {self.rollbacks} rolled-back iterations in a row; stopping ({reason})")
             rank_zero_warn(f"PPO: {self.rollbacks} rejected rollouts in a row; training stops at the restored policy")
             self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        """The updates since the last accepted rollout were never seen by the KL guard: sample the epoch's last
+        prompts once more with the policy as it is and, if that rollout's KL is above ``max_kl``, return to the last
+        accepted policy, so that neither a checkpoint taken now nor the policy a run ends with is out of band."""
+        if self.hparams.max_kl is None or self._buffer is None or not self._accepted:
+            return
+        p = int(self._buffer["prompt_length"])
+        prompts = {"prompt_ids": self._buffer["ids"][:, :p], "prompt_mask": self._buffer["mask"][:, :p]}
+        kl = self._reduce(self.collect(prompts)["kl"].mean())
+        self.log("train/epoch_end_kl", kl)
+        if kl > self.hparams.max_kl:
+            self._rollback(f"epoch-end KL {kl:.2f} > max_kl {self.hparams.max_kl}", back_off=True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
