@@ -345,6 +345,34 @@ def test_a_policy_in_band_at_the_end_of_an_epoch_is_kept(prompts, tmp_path):
     assert int(module.rollback_count) == 0
 
 
+class _SpikeAfterStep(Callback):
+    """Pushes the adapter far from the reference after one optimiser step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                for name, p in module.lm.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=5.0)
+
+
+def test_an_update_that_leaves_the_band_mid_iteration_is_rejected_before_the_policy_samples(prompts, tmp_path,
+                                                                                            monkeypatch):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)  # 2 steps per iteration
+    start = {n: p.detach().clone() for n, p in module._trainable_state().items()}
+    collected, collect = [], module.collect
+    monkeypatch.setattr(module, "collect", lambda batch: collected.append(1) or collect(batch))
+    # The spike comes after the iteration's first update; its second minibatch estimates the spiked policy's KL.
+    _fit(module, prompts, tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False,
+         callbacks=[_SpikeAfterStep(1)])
+    assert len(collected) == 1  # rejected without sampling from the spiked policy (not even at the epoch's end)
+    assert int(module.rollback_count) == 1
+    assert all(torch.equal(p, start[n]) for n, p in module._trainable_state().items())  # the first rollout's policy
+
+
 def test_kl_guard_raises_the_coefficient_at_most_to_ten_times_its_initial_value(prompts, tmp_path):
     module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01, kl_coef=0.2)
     module.kl_coef_value.fill_(1.5)  # as if earlier spikes had raised it already
