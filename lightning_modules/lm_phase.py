@@ -91,6 +91,7 @@ class LMPhase(GuardedModule):
         lr_decay: LRDecay = "constant",
         warmup_ratio: float = 0.0,
         export: bool = True,
+        export_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -102,6 +103,8 @@ class LMPhase(GuardedModule):
             warmup_ratio: Share of the optimiser steps over which the learning rate rises linearly from zero.
             export: After fitting, write Hugging Face folders to ``<run folder>/hf``: ``model`` (merged weights and
                 tokenizer) and, with LoRA, ``adapter`` (see ``models.lm_factory.export_hf``).
+            export_dir: A fixed folder for those Hugging Face folders instead of ``<run folder>/hf`` (e.g. the
+                pretrained base's, which later configs name); what an earlier fit wrote there is replaced.
         """
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -203,7 +206,8 @@ class LMPhase(GuardedModule):
         if self.hparams.export and self.trainer.is_global_zero:
             from experiment.save_config import run_dir
 
-            written = export_hf(self.lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
+            folder = self.hparams.export_dir or os.path.join(run_dir(self.trainer), "hf")
+            written = export_hf(self.lm, self.tokenizer, folder, replace=self.hparams.export_dir is not None)
             self.print(f"Hugging Face folders: {', '.join(written.values())}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
