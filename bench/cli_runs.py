@@ -13,8 +13,24 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
+from lightning.pytorch import Callback
+
 LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
 
+
+
+class TrainClock(Callback):
+    """Seconds of the training loop (``on_train_start`` to ``on_train_end``, its validations included); a fit adds
+    it with ``--trainer.callbacks+=cli_runs.TrainClock``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self._start
 
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:

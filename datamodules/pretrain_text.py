@@ -191,7 +191,7 @@ def number_fact(rng: random.Random) -> str:
     if form == 1:
         a, b = price(rng), price(rng)
         low, high = sorted((a, b))
-        return f"Which is lower, {money(a)} or {money(b)}? {money(low)} is lower." if a != b else \
+        return f"Which price is lower, {money(a)} or {money(b)}? {money(low)} is lower." if a != b else \
             f"{money(a)} and {money(b)} are the same amount."
     if form == 2:
         values = rng.sample(range(1, 500), rng.randint(3, 6))
@@ -249,7 +249,7 @@ def listing_page(rng: random.Random) -> str:
         limit = rng.choice([10, 20, 25, 30, 40, 50, 75, 100])
         fits = [item for item in items if item["price"] <= limit]
         matching = "; ".join(f"{x['name']} {money(x['price'])}" for x in fits)
-        lines.append(f"Filter: under ${limit}. " + (f"Matching: {matching}." if fits else "Nothing matches."))
+        lines.append(f"Filter: price under ${limit}. " + (f"Matching: {matching}." if fits else "Nothing matches."))
     return "\n".join(lines)
 
 
@@ -259,9 +259,9 @@ def product_page(rng: random.Random) -> str:
     lines = [f"Product: {item['name']}"]
     if rng.random() < 0.3:
         was = round(item["price"] * rng.uniform(1.1, 1.8), 2)
-        lines.append(f"Cost: {money(item['price'])} (was {money(was)}, you save {money(was - item['price'])})")
+        lines.append(f"Price: {money(item['price'])} (was {money(was)}, you save {money(was - item['price'])})")
     else:
-        lines.append(f"Cost: {money(item['price'])}")
+        lines.append(f"{rng.choice(['Price', 'Cost'])}: {money(item['price'])}")
     lines.append(f"Details: {item['feature']}")
     for group, values in item["options"].items():
         extras = [0.0] + [round(rng.uniform(0.5, 15), 2) for _ in values[1:]]

@@ -104,7 +104,8 @@ class LMPhase(GuardedModule):
             export: After fitting, write Hugging Face folders to ``<run folder>/hf``: ``model`` (merged weights and
                 tokenizer) and, with LoRA, ``adapter`` (see ``models.lm_factory.export_hf``).
             export_dir: A fixed folder for those Hugging Face folders instead of ``<run folder>/hf`` (e.g. the
-                pretrained base's, which later configs name); what an earlier fit wrote there is replaced.
+                pretrained base's, which later configs name); what an earlier fit wrote there is replaced, except
+                by a ``fast_dev_run``, which exports to its run folder instead.
         """
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -206,8 +207,9 @@ class LMPhase(GuardedModule):
         if self.hparams.export and self.trainer.is_global_zero:
             from experiment.save_config import run_dir
 
-            folder = self.hparams.export_dir or os.path.join(run_dir(self.trainer), "hf")
-            written = export_hf(self.lm, self.tokenizer, folder, replace=self.hparams.export_dir is not None)
+            fixed = self.hparams.export_dir if not self.trainer.fast_dev_run else None  # keep a trained base
+            folder = fixed or os.path.join(run_dir(self.trainer), "hf")
+            written = export_hf(self.lm, self.tokenizer, folder, replace=fixed is not None)
             self.print(f"Hugging Face folders: {', '.join(written.values())}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
