@@ -10,8 +10,8 @@ differences) and ``page`` (a store page: a listing, a product page, a budget not
 Nothing here comes from the web shop (``envs/web_shop.py``): its product types, attributes, brands, unit-valued
 options, goal instructions, page layout and action grammar (``search[...]``, ``click[...]``) are absent by
 construction and tests/test_pretrain.py checks it. Generic words overlap by design: colours, ``small`` /
-``medium`` / ``large``, numbers, prices written ``$12.34`` and shopping words such as ``price``, ``item`` or
-``search``.
+``medium`` / ``large``, numbers, prices written ``$12.34``, ``Price: $12.34``, and words such as ``price``, ``color``,
+``size``, ``need``, ``dollars``, ``with``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ ADJECTIVES = ("old young tall short big little quiet loud bright dark warm cold 
               "thick wide narrow deep shallow huge tiny strange famous simple plain fancy noisy silent hungry "
               "sleepy curious careful friendly polite rude lucky funny serious wild tame golden silver wooden "
               "ancient modern gentle patient honest cheerful lonely tired eager").split()
-COLOURS = "red orange yellow green blue purple pink brown black white grey navy olive cream teal".split()
+COLORS = "red orange yellow green blue purple pink brown black white grey navy olive cream teal".split()
 VERBS = [tuple(forms.split()) for forms in (  # base, third person, past
     "walk walks walked, run runs ran, jump jumps jumped, swim swims swam, sing sings sang, read reads read, "
     "write writes wrote, paint paints painted, cook cooks cooked, bake bakes baked, build builds built, "
@@ -98,7 +98,7 @@ OPTION_GROUPS: dict[str, list[str]] = {
     "width": ["40 cm", "60 cm", "80 cm", "100 cm"],
     "weight": ["250 g", "500 g", "1 kg", "2 kg"],
     "style": ["classic", "modern", "rustic", "minimal"],
-    "colour": COLOURS[:10],
+    "color": COLORS[:10],
     "size": ["small", "medium", "large", "extra large"],
 }
 KIND_WEIGHTS = {"language": 0.5, "numbers": 0.2, "page": 0.3}
@@ -149,6 +149,9 @@ def story_paragraph(rng: random.Random) -> str:
         f"{article(rng.choice(THINGS))}.",
         f"Later, {name} and {friend} {rng.choice(VERBS)[2]} {rng.randint(2, 12)} {plural(rng.choice(THINGS))} "
         f"{rng.choice(PLACE_PHRASES).format(p=rng.choice(CATEGORIES['place']))}.",
+        f"{name} needed {article(rng.choice(THINGS))} and had {rng.randint(2, 60)} dollars to spend.",
+        f"{friend} wanted {article(rng.choice(COLORS))} {rng.choice(THINGS)} with {article(rng.choice(ADJECTIVES))} "
+        f"{rng.choice(THINGS)} inside.",
         f"In the end, {subject} was {rng.choice(FEELINGS)}, and the {thing} stayed {rng.choice(ADJECTIVES)}.",
     ]
     keep = sorted(rng.sample(range(1, len(pool) - 1), rng.randint(2, 5)))
@@ -284,8 +287,28 @@ def budget_note(rng: random.Random) -> str:
     return " ".join(lines)
 
 
+def shopping_request(rng: random.Random) -> str:
+    """A shopper's request (a material, an option, a price limit), a few offers, and which of them fit it."""
+    good, material = rng.choice(GOODS), rng.choice(MATERIALS)
+    group = rng.choice(sorted(OPTION_GROUPS))
+    value, limit = rng.choice(OPTION_GROUPS[group]), rng.choice([10, 15, 20, 30, 40, 50, 70, 90, 120])
+    lines = [f"Request: I need {article(material)} {good} with {group} {value}, and I want to pay less than "
+             f"{limit} dollars."]
+    offers = []
+    for _ in range(rng.randint(2, 4)):
+        cost = price(rng, 0.4 * limit, 1.6 * limit)  # about half the offers are under the limit
+        offer_material = material if rng.random() < 0.6 else rng.choice(MATERIALS)
+        values = sorted(set(rng.sample(OPTION_GROUPS[group], 2)) | ({value} if rng.random() < 0.6 else set()))
+        name = f"{rng.choice(MAKERS).capitalize()} {offer_material} {good}"
+        offers.append((name, offer_material, values, cost))
+        lines.append(f"Offer: {name}, {group} {' or '.join(values)}, {money(cost)}.")
+    fits = [name for name, m, values, cost in offers if m == material and value in values and cost < limit]
+    lines.append(f"Fits the request: {'; '.join(fits)}." if fits else "Nothing fits the request.")
+    return " ".join(lines)
+
+
 def page_document(rng: random.Random) -> str:
-    return rng.choice((listing_page, product_page, budget_note))(rng)
+    return rng.choice((listing_page, product_page, budget_note, shopping_request))(rng)
 
 
 # --- the corpus -------------------------------------------------------------------------------------------------

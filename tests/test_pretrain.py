@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from datamodules.pretrain_corpus import PretrainCorpusDataModule
-from datamodules.pretrain_text import generate_documents, number_fact
+from datamodules.pretrain_text import generate_documents, number_fact, shopping_request
 from envs.web_shop import BRANDS, PRODUCT_TYPES, make_catalog, make_goals
 from experiment.cli import main
 from models.lm_factory import build_causal_lm, export_hf, load_tokenizer, pretrain_command
@@ -58,6 +58,21 @@ def test_the_corpus_is_seeded_and_its_number_facts_are_true():
             assert [int(v) for v in ordered.group(3).split(", ")] == sorted(values, reverse=descending)
         checked += bool(lower or cheapest or under or over or ordered)
     assert checked > 1100  # every form but the sum and total ones was checked
+
+
+def test_a_shopping_request_names_exactly_the_offers_that_fit_it():
+    rng, answered = random.Random(1), 0
+    for _ in range(300):
+        text = shopping_request(rng)
+        want = re.match(r"Request: I need an? (\S+) .+? with (\w+) (.+?), and I want to pay less than (\d+) dollars",
+                        text)
+        material, group, value, limit = want.groups()
+        offers = re.findall(r"Offer: (\w+ (\S+) .+?), (\w+) (.+?), \$([\d.]+)\.", text)
+        fits = [name for name, m, _, values, cost in offers
+                if m == material and value in values.split(" or ") and float(cost) < int(limit)]
+        assert text.endswith(f"Fits the request: {'; '.join(fits)}." if fits else "Nothing fits the request.")
+        answered += bool(fits)
+    assert 50 < answered < 250  # both answers are common
 
 
 def test_the_corpus_holds_nothing_of_the_web_shop():
