@@ -1,0 +1,74 @@
+"""`train.py validate` of one checkpoint on two gloo CPU processes and on one: every logged validation metric equal,
+for every system with DDP (the tool agent's own test is in tests/test_tool_agent.py).
+
+Each system validates an odd number of batches (3), so a ``DistributedSampler`` would pad them to 4 by repeating
+one, and a rank-local batch index would seed rank 1's samples as one process seeds its first batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiment.cli import main
+from tests.conftest import REPO
+
+TINY_LM = ["--model.init_args.lm.hidden_size", "32", "--model.init_args.lm.num_layers", "1",
+           "--model.init_args.lm.num_heads", "2"]
+STORIES = ["--data.init_args.num_stories", "140", "--data.init_args.vocab_size", "320",  # 7 validation stories
+           "--data.init_args.eval_batch_size", "3"]  # 3 batches: 3, 3, 1
+TINY_LEWORLD = [f"--data.init_args.{k}={v}" for k, v in dict(
+    num_words=256, word_size=8, state_dim=16, char_dim=32, num_pages=4, seq_len=6, train_sequences=128,
+    val_sequences=40, test_sequences=32, batch_size=32, eval_batch_size=16).items()] + [  # 3 batches: 16, 16, 8
+    f"--model.init_args.system.init_args.{k}={v}" for k, v in dict(
+        state_dim=16, num_words=256, word_size=8, max_read_range=16, d_read=8, slm_d_model=16, blm_d_model=16,
+        blm_layers=1, info_dim=8).items()]
+# system: (config, test-size arguments, whether it uses the tokenizer cache)
+SYSTEMS = {
+    "sft": ("rlhf/sft.yaml", [*STORIES, "--data.init_args.batch_size", "8", *TINY_LM], True),
+    "reward_model": ("rlhf/reward.yaml", [*STORIES, "--data.init_args.batch_size", "8", *TINY_LM], True),
+    "ppo": ("rlhf/ppo.yaml", [*STORIES, "--data.init_args.batch_size", "16", "--model.init_args.minibatch_size", "4",
+                              "--model.init_args.max_new_tokens", "8", *TINY_LM], True),
+    "agentic_sft": ("rlhf/agentic_sft.yaml", [
+        "--data.init_args.num_train_tasks", "20", "--data.init_args.num_eval_tasks", "5",  # 10 turns
+        "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",  # 3 batches: 4, 4, 2
+        "--data.init_args.vocab_size", "320", "--model.init_args.max_new_tokens", "8", *TINY_LM], True),
+    # 2 episodes in each of 3 splits, 2 a batch: rank 0 plays train and out-of-domain, rank 1 held-out only.
+    "early_experience": ("early_experience/web_shop_il.yaml", [
+        "--data.init_args.train_goals", "8", "--data.init_args.eval_goals", "2", "--data.init_args.batch_size", "4",
+        "--data.init_args.eval_batch_size", "2", "--data.init_args.vocab_size", "320",
+        "--model.init_args.evaluate_before_training", "false", *TINY_LM], True),
+    "leworld": ("leworld/phase2.yaml", TINY_LEWORLD, False),
+}
+
+
+def _saved(folder, rank=0) -> dict[str, float]:
+    return json.loads((folder / f"metrics_rank{rank}.json").read_text())["metrics"]
+
+
+@pytest.mark.parametrize("system", list(SYSTEMS))
+def test_validation_on_two_processes_equals_one_process(system, tmp_path, monkeypatch):
+    config, tiny, tokenizer = SYSTEMS[system]
+    base = ["--config", str(REPO / "configs" / config), *tiny, "--trainer.enable_progress_bar", "false"]
+    if tokenizer:
+        base += ["--data.init_args.tokenizer_cache", str(tmp_path / "tokenizers")]
+    save = ["--trainer.callbacks+=tests.helpers.SaveRankMetrics", "--trainer.callbacks.init_args.folder"]
+    monkeypatch.chdir(tmp_path)
+    fit = main(["fit", *base, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                "--trainer.logger", "false"])
+    checkpoint = str(tmp_path / "model.ckpt")
+    fit.trainer.save_checkpoint(checkpoint)
+    main(["validate", *base, "--ckpt_path", checkpoint, "--trainer.logger", "false", *save, str(tmp_path / "one")])
+    command = [sys.executable, str(REPO / "train.py"), "validate", *base, "--config",
+               str(REPO / "configs/trainer/ddp_cpu.yaml"), "--ckpt_path", checkpoint, "--trainer.logger", "false",
+               *save, str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = _saved(tmp_path / "one")
+    assert len([k for k in one if k.startswith("val/")]) >= 2, one
+    for rank in (0, 1):
+        two = _saved(tmp_path / "two", rank)
+        assert two.keys() == one.keys(), rank
+        assert two == pytest.approx(one, rel=1e-5), rank
