@@ -23,7 +23,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import EpochPermutation, per_device_batch, resumable, step_generator
+from datamodules.distributed import (
+    Chunks,
+    EpochPermutation,
+    evaluation_loader,
+    per_device_batch,
+    resumable,
+    step_generator,
+)
 from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import lm_batch, pad_with_mask
 
@@ -271,10 +278,12 @@ class CorpusDataModule(LightningDataModule):
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
     def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
-        drop_last = shuffle and len(items) >= batch_size
-        sampler = None
-        if shuffle:  # seeded, so a resumed run draws the same order and continues where it stopped
-            sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
+        if not shuffle:  # evaluation: whole batches dealt to the processes, none twice; placeholders are ``{}``
+            return evaluation_loader(self, Chunks(items, batch_size, self.collate), empty={},
+                                     num_workers=self.hparams.num_workers)
+        drop_last = len(items) >= batch_size
+        # Seeded, so a resumed run draws the same order and continues where it stopped.
+        sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
         return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=self.collate,
                           num_workers=self.hparams.num_workers, drop_last=drop_last)
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
+from datamodules.distributed import global_batch_index
 from lightning_modules.lm_phase import LMPhase, checkpoint_lm_settings, load_phase_checkpoint
 from models.lm_rollout import RewardModel, distinct_n, response_logprobs
 from models.lm_text import IGNORE_INDEX, lm_batch, sample
@@ -191,7 +192,11 @@ class PolicyRL(LMPhase):
         return {"reward": reward, "reward_ref": reward_ref, "kl": kl, "length": rmask.float().sum(1), "texts": texts}
 
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, metrics: GenerationMetrics, text: bool) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1))
+        if not batch:  # the empty batch a process short of evaluation batches gets under DDP
+            return
+        # Seeded by the batch's index on one process, so every world size samples the same responses.
+        index = global_batch_index(self._trainer, batch_idx)
+        generator = torch.Generator(device=self.device).manual_seed(10_007 * (index + 1))
         out = self.compare(batch, generator)
         ties = (out["reward"] == out["reward_ref"]).float()
         wins = (out["reward"] > out["reward_ref"]).float() + 0.5 * ties

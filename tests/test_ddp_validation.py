@@ -34,37 +34,47 @@ SYSTEMS = {
         "--data.init_args.num_train_tasks", "20", "--data.init_args.num_eval_tasks", "5",  # 10 turns
         "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",  # 3 batches: 4, 4, 2
         "--data.init_args.vocab_size", "320", "--model.init_args.max_new_tokens", "8", *TINY_LM], True),
-    # 2 episodes in each of 3 splits, 2 a batch: rank 0 plays train and out-of-domain, rank 1 held-out only.
+    # 3 episodes in each of 3 splits, 3 a batch: rank 0 plays train and out-of-domain, rank 1 held-out only.
     "early_experience": ("early_experience/web_shop_il.yaml", [
-        "--data.init_args.train_goals", "8", "--data.init_args.eval_goals", "2", "--data.init_args.batch_size", "4",
-        "--data.init_args.eval_batch_size", "2", "--data.init_args.vocab_size", "320",
+        "--data.init_args.train_goals", "8", "--data.init_args.eval_goals", "3", "--data.init_args.batch_size", "4",
+        "--data.init_args.eval_batch_size", "3", "--data.init_args.vocab_size", "320",
         "--model.init_args.evaluate_before_training", "false", *TINY_LM], True),
     "leworld": ("leworld/phase2.yaml", TINY_LEWORLD, False),
 }
+SLOW = {"ppo"}  # two fits (reward model, policy) and sampled generations: about a minute
 
 
 def _saved(folder, rank=0) -> dict[str, float]:
     return json.loads((folder / f"metrics_rank{rank}.json").read_text())["metrics"]
 
 
-@pytest.mark.parametrize("system", list(SYSTEMS))
-def test_validation_on_two_processes_equals_one_process(system, tmp_path, monkeypatch):
-    config, tiny, tokenizer = SYSTEMS[system]
-    base = ["--config", str(REPO / "configs" / config), *tiny, "--trainer.enable_progress_bar", "false"]
-    if tokenizer:
-        base += ["--data.init_args.tokenizer_cache", str(tmp_path / "tokenizers")]
-    save = ["--trainer.callbacks+=tests.helpers.SaveRankMetrics", "--trainer.callbacks.init_args.folder"]
-    monkeypatch.chdir(tmp_path)
+def _fit(base: list[str], checkpoint) -> str:
+    """Two training steps in this process (``base`` runs in the current folder); the weights saved to ``checkpoint``."""
     fit = main(["fit", *base, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                 "--trainer.logger", "false"])
-    checkpoint = str(tmp_path / "model.ckpt")
     fit.trainer.save_checkpoint(checkpoint)
+    return str(checkpoint)
+
+
+@pytest.mark.parametrize("system", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in SYSTEMS])
+def test_validation_on_two_processes_equals_one_process(system, tmp_path, monkeypatch):
+    config, tiny, tokenizer = SYSTEMS[system]
+    common = ["--trainer.enable_progress_bar", "false"]
+    common += ["--data.init_args.tokenizer_cache", str(tmp_path / "tokenizers")] if tokenizer else []
+    base = ["--config", str(REPO / "configs" / config), *tiny, *common]
+    monkeypatch.chdir(tmp_path)
+    if system == "ppo":  # a trained reward model: an untrained one is drawn afresh in every process
+        reward, reward_tiny, _ = SYSTEMS["reward_model"]
+        reward_base = ["--config", str(REPO / "configs" / reward), *reward_tiny, *common]
+        base += ["--model.init_args.reward_model_from", _fit(reward_base, tmp_path / "reward.ckpt")]
+    checkpoint = _fit(base, tmp_path / "model.ckpt")
+    save = ["--trainer.callbacks+=tests.helpers.SaveRankMetrics", "--trainer.callbacks.init_args.folder"]
     main(["validate", *base, "--ckpt_path", checkpoint, "--trainer.logger", "false", *save, str(tmp_path / "one")])
     command = [sys.executable, str(REPO / "train.py"), "validate", *base, "--config",
                str(REPO / "configs/trainer/ddp_cpu.yaml"), "--ckpt_path", checkpoint, "--trainer.logger", "false",
                *save, str(tmp_path / "two")]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
-                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     one = _saved(tmp_path / "one")
     assert len([k for k in one if k.startswith("val/")]) >= 2, one
