@@ -8,9 +8,12 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+from torch.utils.data import DataLoader
 
+from datamodules.distributed import Chunks, RankBatches, global_batch_index
 from experiment.cli import main
 from tests.conftest import REPO
 
@@ -82,3 +85,16 @@ def test_validation_on_two_processes_equals_one_process(system, tmp_path, monkey
         two = _saved(tmp_path / "two", rank)
         assert two.keys() == one.keys(), rank
         assert two == pytest.approx(one, rel=1e-5), rank
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_evaluation_batches_are_dealt_whole_once_and_in_order(workers):
+    batches = Chunks(list(range(17)), 3)  # 6 batches, the last of 2
+    shares = [list(DataLoader(RankBatches(batches, rank, 4, empty=[]), batch_size=None, num_workers=workers))
+              for rank in range(4)]
+    # Batch i goes to rank i mod 4; every rank steps twice, ranks 2 and 3 the second time on an empty batch.
+    assert shares == [[[0, 1, 2], [12, 13, 14]], [[3, 4, 5], [15, 16]], [[6, 7, 8], []], [[9, 10, 11], []]]
+    for rank, share in enumerate(shares):  # the global index of each is its index on one process
+        trainer = SimpleNamespace(world_size=4, global_rank=rank)
+        assert all(batch == batches[global_batch_index(trainer, j)] for j, batch in enumerate(share) if batch)
+    assert list(RankBatches(batches, empty=[])) == [batches[i] for i in range(6)]  # one process: all, in order
