@@ -41,7 +41,7 @@ class StudySettings:
     """The study: where it is stored, how it searches and when it stops."""
 
     storage: str = "sqlite:///outputs/tuning/default.db"
-    """Optuna storage URL: ``sqlite:///file.db`` on one machine, ``postgresql://user@host/db`` (or
+    """Optuna storage URL: ``sqlite:///file.db`` on one machine, ``postgresql+psycopg://user@host/db`` (or
     ``mysql://...``) for workers on several machines. The password belongs in the URL's environment
     (e.g. ``PGPASSWORD``), not in a config."""
     study_name: str = "agentic-lora"
@@ -173,8 +173,9 @@ class ClaimLock:
 
 
 def hparams_of(trial: FrozenTrial) -> dict[str, Any]:
-    """A trial's hyperparameters: suggested, or (queued, or claimed before its first suggestion) enqueued."""
-    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+    """A trial's hyperparameters: the enqueued ones (a queued trial, or one claimed by a worker that died before
+    suggesting them all) with those already suggested on top."""
+    return dict(trial.system_attrs.get("fixed_params", {})) | dict(trial.params)
 
 
 def history(study: optuna.Study) -> list[dict[str, Any]]:
