@@ -1,9 +1,12 @@
-"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log; the
-provenance that every benchmark's results file records."""
+"""Fit (and test) a config from a benchmark through the project's CLI, with its metrics in a CSV log (and, with
+``--wandb``, in W&B, one group per benchmark invocation); the provenance that every benchmark's results file
+records."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import os
 import subprocess
 import time
@@ -14,13 +17,78 @@ from multiprocessing import get_context
 from pathlib import Path
 
 LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
+REPO = Path(__file__).resolve().parents[1]
+WANDB_OVERLAY = REPO / "configs/logger/wandb.yaml"
+WANDB_ENV = "BENCH_WANDB_GROUP"
+"""``{"bench": ..., "group": ...}`` of the invocation when ``--wandb`` is on; the environment carries it into the
+worker processes of ``in_processes``."""
+USER_WANDB_MODE = os.environ.get("WANDB_MODE")
+os.environ.setdefault("WANDB_MODE", "disabled")  # a benchmark logs to CSV; W&B only with --wandb
 
 
+# --- W&B ablations --------------------------------------------------------------------------------------------
+def add_wandb_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--wandb`` switch every benchmark has (off: no W&B at all, as before)."""
+    parser.add_argument("--wandb", action="store_true", help="also log every run to W&B, offline unless WANDB_MODE "
+                        "is set, in one group per invocation (upload with: wandb sync logs/wandb/offline-run-*)")
 
-def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True) -> tuple[object, dict, float]:
-    """Fit one config and test it; returns the CLI object, the test metrics and the fit time in seconds."""
+
+def start_wandb(args: argparse.Namespace, bench: str) -> str | None:
+    """With ``--wandb``: name this invocation's group (``<bench>-<timestamp>``) for every run it starts, here and
+    in worker processes, and log offline unless the user set ``WANDB_MODE``; returns the group (``None``: off)."""
+    if not args.wandb:
+        return None
+    group = f"{bench}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ[WANDB_ENV] = json.dumps({"bench": bench, "group": group})
+    os.environ["WANDB_MODE"] = USER_WANDB_MODE or "offline"
+    return group
+
+
+def wandb_run(job_type: str, seed: int) -> dict | None:
+    """W&B ``group``, ``job_type`` (the recipe or setting), ``tags`` (bench, recipe, seed) and ``name`` of one run;
+    ``None`` when ``--wandb`` is off."""
+    spec = os.environ.get(WANDB_ENV)
+    if not spec:
+        return None
+    bench, group = json.loads(spec).values()
+    return {"group": group, "job_type": job_type, "tags": [bench, job_type, f"seed-{seed}"],
+            "name": f"{job_type}-seed-{seed}"}
+
+
+def logger_overrides(folder: str, job_type: str, seed: int) -> list[str]:
+    """``--trainer.logger`` of a run: the CSV log the benchmark reads, plus the W&B logger overlay
+    (``configs/logger/wandb.yaml``) with the run's group, job type and tags when ``--wandb`` is on."""
+    run = wandb_run(job_type, seed)
+    if run is None:
+        return ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", folder]
+    import yaml
+
+    wandb_logger = yaml.safe_load(WANDB_OVERLAY.read_text())["trainer"]["logger"]
+    wandb_logger["init_args"] |= run
+    csv_logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": folder}}
+    return ["--trainer.logger", json.dumps([csv_logger, wandb_logger])]  # CSV first: trainer.logger is the CSV log
+
+
+def tune_overrides(job_type: str, seed: int) -> list[str]:
+    """``train.py tune`` arguments that log each trial to W&B in this invocation's group (``[]`` when off)."""
+    run = wandb_run(job_type, seed)
+    if run is None:
+        return []
+    return ["--wandb.enabled", "true", "--wandb.group", run["group"], "--wandb.job_type", job_type,
+            "--wandb.tags", json.dumps(run["tags"])]
+
+
+def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True,
+              job_type: str | None = None) -> tuple[object, dict, float]:
+    """Fit one config and test it; returns the CLI object, the test metrics and the fit time in seconds.
+    ``job_type``: the run's recipe or setting in W&B (default: the config's file name)."""
     from experiment.cli import main
 
+    job_type = job_type or Path(config).stem
+    if wandb_run(job_type, seed) is not None:
+        import wandb
+
+        wandb.finish()  # the previous run of this process (its test metrics included) ends before this one starts
     args = [
         "fit",
         "--config",
@@ -31,10 +99,7 @@ def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool =
         "false",
         "--trainer.default_root_dir",
         folder,
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir",
-        folder,
+        *logger_overrides(folder, job_type, seed),
         *overrides,
     ]
     start = time.perf_counter()
@@ -78,11 +143,9 @@ def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
     import platform
     from importlib import util
 
-    repo = Path(__file__).resolve().parents[1]
-
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=30)
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout if done.returncode == 0 else None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -27,9 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import csv_column, in_processes, provenance, run_phase  # noqa: E402
+from cli_runs import add_wandb_option, csv_column, in_processes, provenance, run_phase, start_wandb  # noqa: E402
 
 RECIPES = {"il": "web_shop_il.yaml", "iwm_il": "web_shop_iwm_il.yaml", "sr": "web_shop_sr.yaml"}
 SPLITS = ("train", "held_out", "out_of_domain")
@@ -39,7 +37,7 @@ def run(recipe: str, seed: int, extra: list[str]) -> dict:
     config = str(REPO / "configs" / "early_experience" / RECIPES[recipe])
     overrides = ["--data.init_args.seed", str(seed), "--trainer.enable_model_summary", "false", *extra]
     with tempfile.TemporaryDirectory() as folder:
-        cli, test, seconds = run_phase(config, seed, folder, *overrides)
+        cli, test, seconds = run_phase(config, seed, folder, *overrides, job_type=recipe)
         curves = {split: csv_column(cli, f"val/success/{split}") for split in SPLITS}
     print(f"{recipe} seed {seed}: held-out {test['test/success/held_out']:.2f} in {seconds:.0f} s", flush=True)
     return {
@@ -108,12 +106,14 @@ def main() -> None:
         help="only summarise the runs in these files (e.g. from several hosts)",
     )
     parser.add_argument("extra", nargs="*", help="further CLI overrides for every run, after --")
+    add_wandb_option(parser)
     args = parser.parse_args()
 
     source = provenance()  # of the code that runs (or summarises), taken before anything is written
     if args.summarise:
         runs = [json.loads(line) for path in args.summarise for line in open(path) if line.strip()]
         return report(runs, args, source)
+    start_wandb(args, "early_experience")
     calls = [(recipe, seed, args.extra) for recipe in args.recipes for seed in args.seeds]  # first recipe first
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs = []

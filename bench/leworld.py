@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,10 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from cli_runs import in_processes, provenance, run_phase  # noqa: E402
+from cli_runs import add_wandb_option, in_processes, provenance, run_phase, start_wandb  # noqa: E402
 
 from datamodules.leworld_data import LeWorldDataModule  # noqa: E402
 from lightning_modules.leworld import LeWorldPhase2  # noqa: E402
@@ -173,7 +171,9 @@ def main_bench() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="seeds trained in parallel (one process each)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: all cores / jobs)")
     parser.add_argument("--from-json", type=Path, help="reuse the runs of an earlier leworld.json (re-measure speed)")
+    add_wandb_option(parser)
     args = parser.parse_args()
+    start_wandb(args, "leworld")
     args.out.mkdir(parents=True, exist_ok=True)
 
     results = {}

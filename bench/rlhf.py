@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -32,10 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
-from cli_runs import csv_column, in_processes, provenance, run_phase, test_phase  # noqa: E402
+from cli_runs import add_wandb_option, csv_column, in_processes, provenance, run_phase, start_wandb, test_phase  # noqa: E402
 
 from models.lm_rollout import AdaptiveKLController  # noqa: E402
 
@@ -180,6 +178,7 @@ def main_bench() -> None:
     parser.add_argument("--ppo-args", default="", help='extra PPO overrides, e.g. "--model.init_args.gae_lambda 0.95"')
     parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files; no training")
     parser.add_argument("--plot", default=None, help="write the PPO curves to this PNG")
+    add_wandb_option(parser)
     args = parser.parse_args()
     source = provenance()  # of the code that runs (or merges), taken before anything is written
     out = Path(args.out)
@@ -189,6 +188,7 @@ def main_bench() -> None:
         results = [r | {"provenance": r.get("provenance", f.get("provenance"))} for f in files for r in f["runs"]]
         settings = files[0]["settings"] | {"seeds": [r["seed"] for r in results]}
     else:
+        start_wandb(args, "rlhf")
         settings = vars(args).copy()
         results = []
         for result in in_processes(run_seed, [(seed, args) for seed in args.seeds], args.jobs, args.threads):

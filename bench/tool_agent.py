@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,9 +24,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import provenance, run_phase  # noqa: E402
+from cli_runs import add_wandb_option, provenance, run_phase, start_wandb  # noqa: E402
 
 from envs.tool_env import NUM_STAGES, ToolEnv  # noqa: E402
 from envs.tool_env_loop import run_episode  # noqa: E402
@@ -108,7 +106,9 @@ def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    add_wandb_option(parser)
     args = parser.parse_args()
+    start_wandb(args, "tool_agent")
     args.out.mkdir(parents=True, exist_ok=True)
 
     results = {name: [train_and_test(config, seed) for seed in args.seeds] for name, config in CONFIGS.items()}

@@ -28,9 +28,8 @@ import optuna
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("WANDB_MODE", "disabled")
 
-from cli_runs import provenance  # noqa: E402
+from cli_runs import add_wandb_option, provenance, start_wandb, tune_overrides  # noqa: E402
 
 from experiment.cli import main  # noqa: E402
 
@@ -45,6 +44,7 @@ def run_study(method: str, trials: int, seed: int, seal: bool, folder: str) -> d
             "--study.patience", str(trials), "--study.export_messages", f"{folder}/{method}_{seed}.jsonl"]
     if not seal:
         args += ["--seal.enabled", "false", "--study.qa", "false"]
+    args += tune_overrides(method, seed)
     start = time.perf_counter()
     summary = main(args)
     seconds = time.perf_counter() - start
@@ -64,7 +64,9 @@ def main_bench() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampler seeds of TPE and random")
     parser.add_argument("--no-seal", action="store_true", help="agentic study without SEAL and QA")
     parser.add_argument("--out", default=str(REPO / "bench/results"))
+    add_wandb_option(parser)
     args = parser.parse_args()
+    start_wandb(args, "tuning")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     runs = []
     with tempfile.TemporaryDirectory() as folder:

@@ -10,7 +10,8 @@ states one person's facts; questions ask them back. People are split four ways:
 - ``knowledge``: passages the model never trains on, with held-out closed-book questions. The SEAL stage turns
   these passages into self-edits and the QA evaluation asks the questions.
 
-Local JSON / JSONL files or a ``datasets`` name can replace the generated set (``files`` / ``dataset``); a
+A dataset can replace the generated set (``dataset``: a local JSON / JSONL / CSV / Parquet file or folder, or a
+hub name, read by ``datasets.load_dataset`` through ``datamodules.sources``; column names are options); a
 ``knowledge_file`` (JSONL of ``{"passage": ..., "questions": [{"question": ..., "answer": ...}]}``) then
 supplies the SEAL passages and held-out questions.
 """
@@ -28,6 +29,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.distributed import per_device_batch
+from datamodules.sources import column_value, load_records
 from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import lm_batch
 
@@ -158,34 +160,6 @@ def format_prompt(instruction: str, input: str = "") -> str:
     return body + "Response:"
 
 
-def read_examples(path: str) -> list[Example]:
-    """Examples of a local ``.json`` (a list of records) or ``.jsonl`` file with instruction / input / output."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"instruction file {path!r} does not exist")
-    try:
-        records = (json.loads(file.read_text()) if file.suffix == ".json"
-                   else [json.loads(line) for line in file.read_text().splitlines() if line.strip()])
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON / JSONL: {error}") from error
-    return [_example(record, f"{path}[{i}]") for i, record in enumerate(records)]
-
-
-def _example(record: dict, where: str) -> Example:
-    if not isinstance(record, dict) or "instruction" not in record or "output" not in record:
-        raise ValueError(f"{where} needs the fields 'instruction' and 'output' (and optionally 'input')")
-    return Example(str(record["instruction"]), str(record.get("input") or ""), str(record["output"]))
-
-
-def load_dataset_examples(name: str, split: str) -> list[Example]:
-    """Examples of a ``datasets`` dataset (a hub name, or a local folder the library can read)."""
-    try:
-        import datasets
-    except ImportError as error:
-        raise ImportError("loading a `datasets` name needs the datasets library: pip install datasets") from error
-    return [_example(dict(r), f"{name}[{i}]") for i, r in enumerate(datasets.load_dataset(name, split=split))]
-
-
 def read_knowledge(path: str) -> list[Knowledge]:
     """SEAL passages with held-out questions from a JSONL file."""
     if not Path(path).is_file():
@@ -207,9 +181,14 @@ class InstructionDataModule(LightningDataModule):
 
     def __init__(
         self,
-        files: list[str] | None = None,
         dataset: str | None = None,
-        dataset_split: str = "train",
+        dataset_config: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        prompt_column: str = "instruction",
+        input_column: str | None = "input",
+        completion_column: str = "output",
         knowledge_file: str | None = None,
         num_people: int = 72,
         num_val_people: int = 8,
@@ -227,10 +206,15 @@ class InstructionDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            files: Local ``.json`` / ``.jsonl`` files of instruction / input / output records; ``null`` (and no
-                ``dataset``) generates the offline world.
-            dataset: A ``datasets`` name (or local folder) with instruction / input / output columns.
-            dataset_split: Split of ``dataset`` to read.
+            dataset: A local ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` file, a local folder or a ``datasets``
+                hub name (read by ``datasets.load_dataset``); ``null`` generates the offline world.
+            dataset_config: Configuration name of a hub dataset.
+            split: Split of ``dataset`` that is read (a local file is the split ``train``).
+            val_split: Split read for validation; ``null`` holds out ``val_fraction`` of ``split``.
+            test_split: Split read for testing; ``null`` holds out ``val_fraction`` of ``split``.
+            prompt_column: Column of the instruction.
+            input_column: Column of the input that follows the instruction (a record without it has none).
+            completion_column: Column of the response (the loss is taken on it).
             knowledge_file: JSONL of SEAL passages with held-out questions (local data only; the generated world
                 has its own).
             num_people: People in the generated world (all splits).
@@ -249,8 +233,6 @@ class InstructionDataModule(LightningDataModule):
             eval_batch_size: Validation / test batch size per device.
         """
         super().__init__()
-        if files and dataset:
-            raise ValueError("files must be left out when dataset is given (one source of examples)")
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                  ("max_length", max_length, 16)):
             if value < low:
@@ -259,8 +241,8 @@ class InstructionDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
         self.save_hyperparameters()
         self.batch_size = batch_size
-        if files or dataset:
-            self.examples, self.knowledge = self._local(files, dataset, dataset_split, knowledge_file)
+        if dataset is not None:
+            self.examples, self.knowledge = self._from_dataset()
         else:
             self.examples, self.knowledge = self._generated()
         if not self.examples["train"] or not self.examples["val"]:
@@ -294,15 +276,29 @@ class InstructionDataModule(LightningDataModule):
         self.people = {"train": train, "val": val, "test": test, "knowledge": knowledge_people}
         return examples, [Knowledge(p.passage, tuple(p.questions())) for p in knowledge_people]
 
-    def _local(self, files, dataset, split, knowledge_file) -> tuple[dict[str, list[Example]], list[Knowledge]]:
-        records = ([e for f in files for e in read_examples(f)] if files
-                   else load_dataset_examples(dataset, split))
-        rng = random.Random(self.hparams.world_seed)
-        rng.shuffle(records)
-        n = max(1, int(len(records) * self.hparams.val_fraction))
-        examples = {"val": records[:n], "test": records[n:2 * n], "train": records[2 * n:]}
+    def _from_dataset(self) -> tuple[dict[str, list[Example]], list[Knowledge]]:
+        hp = self.hparams
+        columns = [hp.prompt_column, hp.completion_column]  # the input is optional
+        examples = {}
+        for part, name in (("train", hp.split), ("val", hp.val_split), ("test", hp.test_split)):
+            if name is not None:
+                records = load_records(hp.dataset, name, columns, config=hp.dataset_config)
+                examples[part] = [self._example(r) for r in records]
+        missing = [part for part in ("val", "test") if part not in examples]
+        if missing:  # held out of the training split
+            records = examples["train"]
+            random.Random(hp.world_seed).shuffle(records)
+            n = max(1, int(len(records) * hp.val_fraction))
+            for i, part in enumerate(missing):
+                examples[part] = records[i * n:(i + 1) * n]
+            examples["train"] = records[len(missing) * n:]
         self.people = {}
-        return examples, read_knowledge(knowledge_file) if knowledge_file else []
+        return examples, read_knowledge(hp.knowledge_file) if hp.knowledge_file else []
+
+    def _example(self, record: dict) -> Example:
+        hp = self.hparams
+        given_input = column_value(record, hp.input_column) if hp.input_column else ""
+        return Example(column_value(record, hp.prompt_column), given_input, column_value(record, hp.completion_column))
 
     # --- tokens -----------------------------------------------------------------------------------------------
     def encode(self, prompt: str, response: str | None = None) -> tuple[list[int], list[int]]:

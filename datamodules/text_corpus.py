@@ -11,12 +11,10 @@ longer text (the seed's rejected = shuffled half story could).
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -24,6 +22,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.distributed import EpochPermutation, per_device_batch, resumable, step_generator
+from datamodules.sources import column_value, load_records
 from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import check_sequence_settings, lm_batch, pad_with_mask
 
@@ -141,31 +140,6 @@ def corrupt(sentences: Sequence[str], kind: str, rng: random.Random, story: Stor
     return " ".join(changed)
 
 
-def read_documents(paths: Sequence[str], text_field: str = "text") -> list[str]:
-    """Documents of local ``.txt`` (blank-line separated) and ``.jsonl`` (one ``text_field`` per line) files."""
-    documents: list[str] = []
-    for path in map(Path, paths):
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file {str(path)!r} does not exist")
-        if path.suffix == ".jsonl":
-            for number, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number} is not valid JSON: {error}") from error
-                if text_field not in record:
-                    raise ValueError(f"{path}:{number} has no field {text_field!r}")
-                documents.append(str(record[text_field]).strip())
-        else:
-            documents += [d.strip() for d in re.split(r"\n\s*\n", path.read_text())]
-    documents = [d for d in documents if d]
-    if not documents:
-        raise ValueError(f"no documents in {list(map(str, paths))}")
-    return documents
-
-
 class CorpusDataModule(LightningDataModule):
     """The corpus, its tokenizer and its train/val/test split; the subclasses decide what a batch is.
 
@@ -175,8 +149,14 @@ class CorpusDataModule(LightningDataModule):
 
     def __init__(
         self,
-        files: list[str] | None = None,
-        text_field: str = "text",
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        text_column: str = "text",
+        prompt_column: str | None = None,
+        completion_column: str | None = None,
         num_stories: int = 4000,
         corpus_seed: int = 0,
         mood: Mood = "mixed",
@@ -195,9 +175,18 @@ class CorpusDataModule(LightningDataModule):
     ) -> None:
         """
         Args:
-            files: Local ``.txt`` / ``.jsonl`` corpus files; ``null`` generates the offline story corpus.
-            text_field: Field holding the text in JSONL records.
-            num_stories: Stories generated when ``files`` is null.
+            dataset: A local ``.jsonl`` / ``.json`` / ``.txt`` / ``.csv`` / ``.parquet`` file, a local folder or a
+                ``datasets`` hub name (read by ``datasets.load_dataset``); ``null`` generates the offline story
+                corpus.
+            dataset_config: Configuration name of a hub dataset.
+            split: Split of ``dataset`` that is read (a local file is the split ``train``).
+            val_split: Split read for validation; ``null`` holds out ``val_fraction`` of ``split``.
+            test_split: Split read for testing; ``null`` holds out ``test_fraction`` of ``split``.
+            text_column: Column of a whole document; its first ``prompt_sentences`` sentences are the prompt.
+            prompt_column: Column of the prompt, instead of splitting ``text_column`` (``null``: split it).
+            completion_column: Column of the completion that follows ``prompt_column`` (needed by SFT; the PPO
+                evaluation's reference).
+            num_stories: Stories generated when ``dataset`` is null.
             corpus_seed: Seed of the generated stories and of the split.
             mood: Mood of the generated stories: ``happy``, ``sad`` or ``mixed``.
             min_sentences: Fewest sentences of a generated story (5-7).
@@ -219,23 +208,21 @@ class CorpusDataModule(LightningDataModule):
             raise ValueError(f"val_fraction + test_fraction must be in [0, 1), got {val_fraction} + {test_fraction}")
         if batch_size < 1 or eval_batch_size < 1 or max_length < 8 or prompt_sentences < 1:
             raise ValueError("batch_size, eval_batch_size and prompt_sentences must be >= 1, max_length >= 8")
-        if files is None and num_stories < 10:
+        if dataset is None and num_stories < 10:
             raise ValueError(f"num_stories must be >= 10, got {num_stories}")
         self.save_hyperparameters()
         self.batch_size = batch_size
-        rng = random.Random(corpus_seed)
-        if files is None:
-            self.stories: list[Story | None] = generate_stories(num_stories, corpus_seed, mood, min_sentences,
-                                                                max_sentences)
-            documents = [s.text for s in self.stories]
-        else:
-            documents = read_documents(files, text_field)
-            self.stories = [None] * len(documents)
-        order = list(range(len(documents)))
-        rng.shuffle(order)
-        n_val, n_test = int(len(order) * val_fraction), int(len(order) * test_fraction)
-        self.split_indices = {"test": order[:n_test], "val": order[n_test:n_test + n_val],
-                              "train": order[n_test + n_val:]}
+        self.stories: list[Story | None] = []
+        parts = {"train": load_records(dataset, split, self.required_columns(), config=dataset_config,
+                                       generate=self._generated_records)}
+        for part, name in (("val", val_split), ("test", test_split)):
+            if name is not None:
+                parts[part] = load_records(dataset, name, self.required_columns(), config=dataset_config)
+        parts = {part: [r for r in records if self.record_text(r)] for part, records in parts.items()}
+        self.records = [r for records in parts.values() for r in records]
+        self.stories += [None] * (len(self.records) - len(self.stories))
+        documents = [self.record_text(r) for r in self.records]
+        self.split_indices = self._split(list(map(len, parts.values())), val_split is None, test_split is None)
         if not self.split_indices["train"]:
             raise ValueError("the corpus is too small: no training documents left after the split")
         self.documents = documents
@@ -243,13 +230,65 @@ class CorpusDataModule(LightningDataModule):
         self.tokenizer = (build_tokenizer(train_texts, vocab_size, tokenizer_cache) if tokenizer is None
                           else load_tokenizer(tokenizer))
 
+    # --- records -> documents ----------------------------------------------------------------------------------
+    def _generated_records(self) -> list[dict]:
+        hp = self.hparams
+        self.stories = generate_stories(hp.num_stories, hp.corpus_seed, hp.mood, hp.min_sentences, hp.max_sentences)
+        return [{hp.text_column: s.text} for s in self.stories]
+
+    def required_columns(self) -> list[str]:
+        """Columns every record of a dataset must have."""
+        hp = self.hparams
+        if hp.prompt_column is None:
+            return [hp.text_column]
+        return [hp.prompt_column] + ([hp.completion_column] if hp.completion_column else [])
+
+    def record_text(self, record: dict) -> str:
+        """The whole document of a record (what the split shuffles and a trained tokenizer learns)."""
+        if self.hparams.prompt_column is None:
+            return column_value(record, self.hparams.text_column)
+        return " ".join(t for t in self.record_prompt_and_completion(record) if t)
+
+    def record_prompt_and_completion(self, record: dict) -> tuple[str, str]:
+        """Prompt and completion columns of a record (the completion is empty without ``completion_column``)."""
+        hp = self.hparams
+        completion = column_value(record, hp.completion_column) if hp.completion_column else ""
+        return column_value(record, hp.prompt_column), completion
+
+    def _split(self, sizes: list[int], hold_out_val: bool, hold_out_test: bool) -> dict[str, list[int]]:
+        """Indices of train / val / test: a seeded permutation of the first part (the ``split``), with the
+        validation and test documents held out of it unless their own splits follow it."""
+        order = list(range(sizes[0]))
+        random.Random(self.hparams.corpus_seed).shuffle(order)
+        n_test = int(len(order) * self.hparams.test_fraction) if hold_out_test else 0
+        n_val = int(len(order) * self.hparams.val_fraction) if hold_out_val else 0
+        given, start = {}, sizes[0]
+        for part, held_out in (("val", hold_out_val), ("test", hold_out_test)):
+            if not held_out:
+                size = sizes[len(given) + 1]
+                given[part], start = list(range(start, start + size)), start + size
+        return {"test": given.get("test", order[:n_test]), "val": given.get("val", order[n_test:n_test + n_val]),
+                "train": order[n_test + n_val:]}
+
     # --- text -> tokens ---------------------------------------------------------------------------------------
     def split(self, name: str) -> list[int]:
         return self.split_indices[name]
 
+    @property
+    def generated(self) -> bool:
+        """Whether the documents are the generator's stories (the story judge, ``envs.story_judge``, applies)."""
+        return self.stories[0] is not None
+
+    def prompt_sentence_count(self, sentences: Sequence[str]) -> int:
+        """How many leading sentences of a document form its prompt (at least one is left to complete)."""
+        return min(self.hparams.prompt_sentences, max(1, len(sentences) - 1))
+
     def prompt_and_completion(self, index: int) -> tuple[str, str]:
+        hp = self.hparams
+        if hp.prompt_column is not None:
+            return self.record_prompt_and_completion(self.records[index])
         sentences = split_sentences(self.documents[index])
-        k = min(self.hparams.prompt_sentences, max(1, len(sentences) - 1))
+        k = self.prompt_sentence_count(sentences)
         return " ".join(sentences[:k]), " ".join(sentences[k:])
 
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -259,7 +298,7 @@ class CorpusDataModule(LightningDataModule):
         sentences keeps the token count, and the token length of a corrupted story is no cue.
         """
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + self.tokenizer(" " + prompt, add_special_tokens=False).input_ids
+        return bos + (self.tokenizer(" " + prompt, add_special_tokens=False).input_ids if prompt else [])
 
     def encode_completion(self, completion: str) -> list[int]:
         """Completion tokens (with the leading space that joins it to the prompt) + ``<eos>``."""
@@ -270,15 +309,26 @@ class CorpusDataModule(LightningDataModule):
         p, c = self.encode_prompt(prompt), self.encode_completion(completion)
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
-    def _loader(self, items: list, batch_size: int, shuffle: bool) -> DataLoader:
-        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else in order."""
+    def _loader(self, items: list, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
+        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else in order (through
+        ``collate``, or the ``collate`` given)."""
         drop_last = shuffle and len(items) >= batch_size
         sampler = None
         if shuffle:  # seeded, so a resumed run draws the same order and continues where it stopped
             sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
         return DataLoader(items, batch_size=batch_size, sampler=sampler,
-                          collate_fn=self.train_collate if shuffle else self.collate,
+                          collate_fn=collate or (self.train_collate if shuffle else self.collate),
                           num_workers=self.hparams.num_workers, drop_last=drop_last)
+
+    def prompt_items(self, split: str) -> list[tuple[list[int], int]]:
+        """``(prompt tokens, document index)`` of every document of a split."""
+        return [(self.encode_prompt(self.prompt_and_completion(i)[0]), i) for i in self.split(split)]
+
+    def collate_prompts(self, items: list) -> dict[str, torch.Tensor]:
+        """Left-padded ``prompt_ids``/``prompt_mask`` and the documents' ``index``."""
+        prompts, index = zip(*items)
+        prompt_ids, prompt_mask = pad_with_mask(prompts, self.tokenizer.pad_token_id, left=True)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "index": torch.tensor(index)}
 
     def items(self, split: str) -> list:
         raise NotImplementedError
@@ -315,6 +365,8 @@ class TextCorpusDataModule(CorpusDataModule):
         """
         super().__init__(*args, **kwargs)
         check_sequence_settings(max_seq_length)
+        if self.hparams.prompt_column is not None and self.hparams.completion_column is None:
+            raise ValueError("completion_column must be given with prompt_column (SFT learns the completion)")
         self.completion_only, self.max_seq_length, self.packing = completion_only, max_seq_length, packing
 
     def items(self, split: str) -> list[tuple[list[int], list[int]]]:
@@ -334,13 +386,21 @@ class PreferenceDataModule(CorpusDataModule):
     distribution). Batches hold ``chosen_ids``/``chosen_mask``/``rejected_ids``/``rejected_mask`` (right-padded,
     ending with ``<eos>``)."""
 
-    def __init__(self, *args, corruptions: list[str] | None = None, pair_seed: int = 0, **kwargs) -> None:
+    def __init__(self, *args, corruptions: list[str] | None = None, pair_seed: int = 0,
+                 chosen_column: str | None = None, rejected_column: str | None = None, **kwargs) -> None:
         """
         Args:
-            corruptions: Kinds of corruption to draw from (``shuffle``, ``name``, ``pronoun``, ``object``); local
-                files support ``shuffle`` only. ``null``: all that the corpus supports.
+            corruptions: Kinds of corruption to draw from (``shuffle``, ``name``, ``pronoun``, ``object``); a
+                dataset supports ``shuffle`` only. ``null``: all that the corpus supports.
             pair_seed: Seed of the corruptions.
+            chosen_column: Column of the preferred text of a dataset's preference pairs, after ``prompt_column``
+                when that is given (``null``: pair each document with a corrupted copy).
+            rejected_column: Column of the rejected text, given together with ``chosen_column``.
         """
+        if (chosen_column is None) != (rejected_column is None):
+            raise ValueError("chosen_column and rejected_column must be given together")
+        if chosen_column is not None and corruptions:
+            raise ValueError("corruptions must be null with chosen_column / rejected_column (the pairs are given)")
         super().__init__(*args, **kwargs)
         generated = self.stories[0] is not None
         corruptions = list(corruptions or (CORRUPTIONS if generated else ("shuffle",)))
@@ -348,12 +408,30 @@ class PreferenceDataModule(CorpusDataModule):
             if kind not in CORRUPTIONS:
                 raise ValueError(f"unknown corruption {kind!r}; expected some of {CORRUPTIONS}")
             if kind != "shuffle" and not generated:
-                raise ValueError(f"corruption {kind!r} needs the generated corpus; local files support 'shuffle'")
+                raise ValueError(f"corruption {kind!r} needs the generated corpus; a dataset supports 'shuffle'")
         self.corruptions = corruptions
         self.pair_seed = pair_seed
 
+    def required_columns(self) -> list[str]:
+        hp = self.hparams
+        if hp.chosen_column is None:
+            return super().required_columns()
+        return [c for c in (hp.prompt_column, hp.chosen_column, hp.rejected_column) if c is not None]
+
+    def record_text(self, record: dict) -> str:
+        return self.given_pair(record)[0] if self.hparams.chosen_column else super().record_text(record)
+
+    def given_pair(self, record: dict) -> tuple[str, str]:
+        """``(chosen, rejected)`` of a dataset record, each after the record's prompt when there is one."""
+        hp = self.hparams
+        prompt = column_value(record, hp.prompt_column) if hp.prompt_column else ""
+        return tuple(" ".join(t for t in (prompt, column_value(record, c)) if t)
+                     for c in (hp.chosen_column, hp.rejected_column))
+
     def pairs(self, split: str) -> list[tuple[str, str]]:
         """``(chosen, rejected)`` texts of a split; the same for the same seeds."""
+        if self.hparams.chosen_column:
+            return [self.given_pair(self.records[i]) for i in self.split(split)]
         rng = random.Random(f"{self.pair_seed}-{split}")
         out = []
         for i in self.split(split):
@@ -379,6 +457,55 @@ class PreferenceDataModule(CorpusDataModule):
                 "rejected_mask": rejected_mask}
 
 
+class PreferencePromptDataModule(PreferenceDataModule):
+    """The reward model's preference pairs (``PreferenceDataModule``, same seeds: the same pairs) as one prompt and
+    two completions, for DPO; validation and test also give the split's prompts for the paired generation
+    evaluation.
+
+    A pair's prompt is the chosen story's leading ``prompt_sentences`` sentences when the rejected copy starts with
+    the same ones (always for the ``name``, ``pronoun`` and ``object`` corruptions, which keep the introduction);
+    a shuffle that moved them gets an empty prompt: the pair is conditioned on ``<bos>`` alone and both whole texts
+    are the completions. Pair batches hold ``input_ids``/``attention_mask``/``labels`` with ``2B`` rows, the ``B``
+    chosen completions first and the ``B`` rejected ones after them (labels ``-100`` on prompts and padding).
+    Validation and test give two loaders: these pairs, then prompt batches (``prompt_ids``/``prompt_mask``/
+    ``index``, as ``PromptDataModule``).
+    """
+
+    def prompted_pairs(self, split: str) -> list[tuple[str, str, str]]:
+        """``(prompt, chosen completion, rejected completion)`` texts of a split."""
+        out = []
+        for chosen, rejected in self.pairs(split):
+            sentences = split_sentences(chosen)
+            prompt = " ".join(sentences[: self.prompt_sentence_count(sentences)])
+            if rejected.startswith(prompt + " "):
+                out.append((prompt, chosen[len(prompt) + 1:], rejected[len(prompt) + 1:]))
+            else:
+                out.append(("", chosen, rejected))
+        return out
+
+    def items(self, split: str) -> list[tuple[list[int], list[int], list[int]]]:
+        out = []
+        for prompt, chosen, rejected in self.prompted_pairs(split):
+            prompt_ids, chosen_ids = self.encode_pair(prompt, chosen)
+            out.append((prompt_ids, chosen_ids, self.encode_pair(prompt, rejected)[1]))
+        return out
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        prompts, chosen, rejected = zip(*items)
+        return lm_batch(prompts * 2, chosen + rejected, self.tokenizer.pad_token_id, completion_only=True)
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        batch_size = self.hparams.eval_batch_size
+        return [self._loader(self.items(split), batch_size, shuffle=False),
+                self._loader(self.prompt_items(split), batch_size, shuffle=False, collate=self.collate_prompts)]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+
 class PromptDataModule(CorpusDataModule):
     """Prompts for PPO and generation: left-padded ``prompt_ids``/``prompt_mask`` and ``index`` (the document,
     whose completion is the reference for ROUGE/BLEU)."""
@@ -400,12 +527,10 @@ class PromptDataModule(CorpusDataModule):
         return self.prompt_and_completion(index)[1]
 
     def items(self, split: str) -> list[tuple[list[int], int]]:
-        return [(self.encode_prompt(self.prompt_and_completion(i)[0]), i) for i in self.split(split)]
+        return self.prompt_items(split)
 
     def collate(self, items: list) -> dict[str, torch.Tensor]:
-        prompts, index = zip(*items)
-        prompt_ids, prompt_mask = pad_with_mask(prompts, self.tokenizer.pad_token_id, left=True)
-        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "index": torch.tensor(index)}
+        return self.collate_prompts(items)
 
     def train_dataloader(self) -> DataLoader:
         items = self.items("train")

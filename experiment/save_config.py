@@ -38,5 +38,6 @@ class RunConfigSaver(SaveConfigCallback):
         if "base" in config:
             config.base = None  # the saved config is fully resolved: it overlays nothing
         self.parser.save(config, path, skip_none=False, overwrite=True, multifile=self.multifile)
-        if isinstance(trainer.logger, WandbLogger):
-            trainer.logger.experiment.config.update({"cli": config.as_dict()}, allow_val_change=True)
+        for logger in trainer.loggers:  # a W&B logger beside the CSV log of a benchmark too
+            if isinstance(logger, WandbLogger):
+                logger.experiment.config.update({"cli": config.as_dict()}, allow_val_change=True)

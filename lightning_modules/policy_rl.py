@@ -5,7 +5,8 @@ reference on the same prompts.
 The reference is the policy's starting weights: the policy with its LoRA adapter disabled, or a frozen copy when
 every weight trains. Contract with the DataModule: batches hold left-padded ``prompt_ids``/``prompt_mask`` and the
 documents' ``index``; a DataModule that also has ``ReferenceTexts`` (``datamodules.text_corpus.PromptDataModule``)
-gives the test metrics against the held-out completions.
+gives the test metrics against the held-out completions; one that holds the generated story corpus
+(``GeneratedStories``) also gives the gold judge's scores (``envs.story_judge``), independent of the reward model.
 """
 
 from __future__ import annotations
@@ -19,11 +20,20 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
+from envs.story_judge import gold_score
 from lightning_modules.lm_phase import LMPhase, checkpoint_lm_settings, load_phase_checkpoint
 from models.lm_rollout import RewardModel, distinct_n, response_logprobs
 from models.lm_text import IGNORE_INDEX, lm_batch, sample
 
 PAIRED = ("reward", "reward_ref", "win_rate", "tie_rate", "kl", "response_length")
+GOLD = ("gold_score", "gold_score_ref", "gold_win_rate")
+
+
+def paired_wins(score: Tensor, score_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Per prompt: 1 where the policy's sample scores higher than the reference's, 0.5 on a tie, else 0; and the
+    ties."""
+    ties = (score == score_ref).float()
+    return (score > score_ref).float() + 0.5 * ties, ties
 
 
 @runtime_checkable
@@ -35,12 +45,22 @@ class ReferenceTexts(Protocol):
     def encode_pair(self, prompt: str, completion: str) -> tuple[list[int], list[int]]: ...
 
 
+@runtime_checkable
+class GeneratedStories(Protocol):
+    """A prompt DataModule that says whether its documents are the generated stories (the gold judge applies)."""
+
+    generated: bool
+
+    def prompt_and_completion(self, index: int) -> tuple[str, str]: ...
+
+
 class GenerationMetrics(nn.Module):
     """Paired comparison of the policy and the reference on the same prompts, and text statistics."""
 
     def __init__(self) -> None:
         super().__init__()
         self.paired = MetricCollection({name: MeanMetric() for name in PAIRED})
+        self.gold = MetricCollection({name: MeanMetric() for name in GOLD})
         self.rouge = ROUGEScore(rouge_keys=("rouge1", "rouge2", "rougeL"))
         self.bleu = BLEUScore(n_gram=4, smooth=True)
         self.ppl, self.ppl_ref = Perplexity(ignore_index=IGNORE_INDEX), Perplexity(ignore_index=IGNORE_INDEX)
@@ -49,6 +69,8 @@ class GenerationMetrics(nn.Module):
     def compute(self, prefix: str) -> dict[str, Tensor]:
         out = {f"{prefix}/{n}": v for n, v in self.paired.compute().items()}
         out[f"{prefix}/reward_delta"] = out[f"{prefix}/reward"] - out[f"{prefix}/reward_ref"]
+        if self.gold["gold_score"].update_called:
+            out |= {f"{prefix}/{n}": v for n, v in self.gold.compute().items()}
         if self.texts:
             rouge = self.rouge.compute()
             out |= {f"{prefix}/rouge1": rouge["rouge1_fmeasure"], f"{prefix}/rouge2": rouge["rouge2_fmeasure"],
@@ -72,7 +94,10 @@ class PolicyRL(LMPhase):
     (paired, ties count half), ``val/tie_rate`` (share of prompts where both score the same: mostly identical
     samples), ``val/kl`` (sequence KL of the policy's samples to the reference), ``val/response_length``; test adds
     ``test/rouge1|2|L``, ``test/bleu``, ``test/distinct_1|2`` against the held-out completions and ``test/ppl`` /
-    ``test/ppl_ref``, the perplexity of the policy / the reference on them.
+    ``test/ppl_ref``, the perplexity of the policy / the reference on them. On the generated story corpus both also
+    log the gold judge's view (``envs.story_judge``, a program, not trained on any pairs): ``val/gold_score`` /
+    ``val/gold_score_ref`` (mean judge score of the policy's / the reference's samples, 0 = clean) and
+    ``val/gold_win_rate`` (paired as the win rate, ties count half).
     """
 
     def __init__(
@@ -187,14 +212,16 @@ class PolicyRL(LMPhase):
         logprobs = response_logprobs(self.lm, ids, mask, p, temperature)[0]
         ref_logprobs = self._reference_logprobs(ids, mask, p, temperature)
         kl = ((logprobs - ref_logprobs) * rmask).sum(1)
-        texts = [self.tokenizer.decode(r[m], skip_special_tokens=True).strip() for r, m in zip(response, rmask)]
-        return {"reward": reward, "reward_ref": reward_ref, "kl": kl, "length": rmask.float().sum(1), "texts": texts}
+        return {"reward": reward, "reward_ref": reward_ref, "kl": kl, "length": rmask.float().sum(1),
+                "texts": self.decode(response, rmask), "ref_texts": self.decode(ref_response, ref_mask)}
+
+    def decode(self, response: Tensor, response_mask: Tensor) -> list[str]:
+        return [self.tokenizer.decode(r[m], skip_special_tokens=True).strip() for r, m in zip(response, response_mask)]
 
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, metrics: GenerationMetrics, text: bool) -> None:
         generator = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1))
         out = self.compare(batch, generator)
-        ties = (out["reward"] == out["reward_ref"]).float()
-        wins = (out["reward"] > out["reward_ref"]).float() + 0.5 * ties
+        wins, ties = paired_wins(out["reward"], out["reward_ref"])
         values = {"reward": out["reward"], "reward_ref": out["reward_ref"], "win_rate": wins, "tie_rate": ties,
                   "kl": out["kl"], "response_length": out["length"]}
         for name, value in values.items():
@@ -207,6 +234,18 @@ class PolicyRL(LMPhase):
             metrics.bleu.update(out["texts"], [[r] for r in references])
             metrics.texts += out["texts"]
             self._update_perplexity([datamodule.encode_pair(*p) for p in pairs], metrics)
+        if isinstance(datamodule, GeneratedStories) and datamodule.generated:
+            prompts = [datamodule.prompt_and_completion(int(i))[0] for i in batch["index"]]
+            self._update_gold(prompts, out["texts"], out["ref_texts"], metrics)
+
+    def _update_gold(self, prompts: list[str], texts: list[str], ref_texts: list[str],
+                     metrics: GenerationMetrics) -> None:
+        """The story judge's scores of the policy's and the reference's samples for the same prompts."""
+        gold, gold_ref = (torch.tensor([gold_score(p, t) for p, t in zip(prompts, samples)], device=self.device)
+                          for samples in (texts, ref_texts))
+        values = {"gold_score": gold, "gold_score_ref": gold_ref, "gold_win_rate": paired_wins(gold, gold_ref)[0]}
+        for name, value in values.items():
+            metrics.gold[name].update(value)
 
     @torch.no_grad()
     def _update_perplexity(self, pairs: list[tuple[list[int], list[int]]], metrics: GenerationMetrics) -> None:

@@ -19,7 +19,16 @@ from torch import Tensor, nn
 
 from datamodules.distributed import step_generator
 from lightning_modules.policy_rl import PolicyRL
-from lightning_modules.rl import clipped_policy_loss, clipped_value_loss, gae, masked_mean, masked_normalize
+from lightning_modules.rl import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae,
+    kl_k3,
+    masked_mean,
+    masked_normalize,
+    minibatch_indices,
+    shaped_scores,
+)
 from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import (
     AdaptiveKLController,
@@ -50,7 +59,8 @@ class PPORLHF(PolicyRL):
 
     Logged metrics: ``train/score`` (reward-model score of the samples), ``train/kl`` (sequence KL to the
     reference), ``train/kl_coef``, ``train/policy_loss``, ``train/value_loss``, ``train/approx_kl``,
-    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
+    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``, ``train/epoch_end_kl``
+    (the KL of a last rollout at each epoch end, which returns to the last accepted policy when above ``max_kl``),
     ``train/rollback_count`` (all rollbacks so far), ``train/kl_loss`` (with ``kl_loss_coef``),
     ``train/rollout_tokens_per_s``; validation and test as ``PolicyRL`` (the policy against its reference on the
     same prompts), and ``val/win_rate_in_band`` (the win rate while ``val/kl`` is not above the KL controller's
@@ -167,10 +177,9 @@ class PPORLHF(PolicyRL):
 
     # --- acting -----------------------------------------------------------------------------------------------
     def _kl(self, logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-        log_ratio = logprobs - ref_logprobs
         if self.hparams.kl_estimator == "k3":
-            return (-log_ratio).exp() - 1 + log_ratio
-        return log_ratio
+            return kl_k3(logprobs, ref_logprobs)
+        return logprobs - ref_logprobs
 
     @torch.no_grad()
     def collect(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -189,11 +198,8 @@ class PPORLHF(PolicyRL):
         values = self.value_head(hidden)
         ref_logprobs = self._reference_logprobs(ids, mask, p)
         raw_score = self.reward_model(ids, mask)
-        score = raw_score
-        if hp.missing_eos_penalty is not None:
-            has_eos = ((response == self.tokenizer.eos_token_id) & response_mask).any(1)
-            score = score - hp.missing_eos_penalty * (~has_eos).float()
-        score = score.clamp(-hp.reward_clip, hp.reward_clip)
+        score = shaped_scores(raw_score, response, response_mask, self.tokenizer.eos_token_id, hp.reward_clip,
+                              hp.missing_eos_penalty)
         rmask = response_mask.float()
         kl = self._kl(logprobs, ref_logprobs) * rmask
         rewards = -self.kl_coef_value * kl
@@ -259,10 +265,8 @@ class PPORLHF(PolicyRL):
             return False
         if self._accepted[-1] is not state:
             self._accepted.append(state)
-        size = min(hp.minibatch_size, n)
         generator = torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step)
-        self._queue = [chunk for _ in range(hp.ppo_epochs) for chunk in torch.randperm(n, generator=generator)
-                       .split(size) if len(chunk) == size]
+        self._queue = minibatch_indices(n, hp.minibatch_size, hp.ppo_epochs, generator)
         if hp.kl_target is not None:
             controller = AdaptiveKLController(float(self.kl_coef_value), hp.kl_target, hp.kl_horizon)
             self.kl_coef_value.fill_(controller.update(kl, n * self.trainer.world_size))
@@ -301,6 +305,19 @@ class PPORLHF(PolicyRL):
                 raise FloatingPointError(f"PPO: {self.rollbacks} rolled-back iterations in a row; stopping ({reason})")
             rank_zero_warn(f"PPO: {self.rollbacks} rejected rollouts in a row; training stops at the restored policy")
             self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        """The updates since the last accepted rollout were never seen by the KL guard: sample the epoch's last
+        prompts once more with the policy as it is and, if that rollout's KL is above ``max_kl``, return to the last
+        accepted policy, so that neither a checkpoint taken now nor the policy a run ends with is out of band."""
+        if self.hparams.max_kl is None or self._buffer is None or not self._accepted:
+            return
+        p = int(self._buffer["prompt_length"])
+        prompts = {"prompt_ids": self._buffer["ids"][:, :p], "prompt_mask": self._buffer["mask"][:, :p]}
+        kl = self._reduce(self.collect(prompts)["kl"].mean())
+        self.log("train/epoch_end_kl", kl)
+        if kl > self.hparams.max_kl:
+            self._rollback(f"epoch-end KL {kl:.2f} > max_kl {self.hparams.max_kl}", back_off=True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams

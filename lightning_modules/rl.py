@@ -53,3 +53,69 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
     """``0.5 * mean(max((v - R)^2, (v_old + clip(v - v_old, -e, e) - R)^2))`` over the masked tokens."""
     clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs (Schulman's k3):
+    ``exp(ref - logp) - (ref - logp) - 1``; never negative, unbiased, and lower-variance than ``logp - ref``."""
+    delta = ref_logprobs - logprobs
+    return delta.exp() - delta - 1
+
+
+def minibatch_indices(n: int, size: int, epochs: int, generator: torch.Generator) -> list[Tensor]:
+    """``epochs`` shuffled passes over ``n`` rollouts in minibatches of ``min(size, n)`` indices (a short last
+    one is dropped), drawn from ``generator`` so a resumed run can rebuild or restore the same order."""
+    size = min(size, n)
+    return [chunk for _ in range(epochs) for chunk in torch.randperm(n, generator=generator).split(size)
+            if len(chunk) == size]
+
+
+def shaped_scores(scores: Tensor, response: Tensor, response_mask: Tensor, eos_token_id: int, clip: float,
+                  missing_eos_penalty: float | None = None) -> Tensor:
+    """Reward-model scores lowered by ``missing_eos_penalty`` for responses that never emit ``<eos>``, then
+    clipped to ``+-clip``."""
+    if missing_eos_penalty is not None:
+        ended = ((response == eos_token_id) & response_mask.bool()).any(1)
+        scores = scores - missing_eos_penalty * (~ended).to(scores.dtype)
+    return scores.clamp(-clip, clip)
+
+
+def group_advantages(rewards: Tensor, groups: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor]:
+    """GRPO's critic-free advantages: ``(reward - group mean) / (group std + eps)`` for each of ``N`` rewards, where
+    ``groups[i]`` names the group (the prompt) of reward ``i``; groups may have any ids, sizes and order.
+
+    The std is the population std of the group (divide by ``G``, not ``G - 1``): GRPO normalises the group it has
+    rather than estimating a prompt's reward spread, so each group's advantages have mean 0 and (up to ``eps``)
+    variance 1 whatever ``G``, and a group of one has advantage 0 instead of a NaN. (The sample std, as in
+    DeepSeekMath and TRL, only rescales every advantage by ``sqrt((G - 1) / G)``.) A group whose rewards are all equal
+    gets exactly 0, not the rounding error of ``reward - mean``: it carries no signal about which sample is better.
+
+    Returns ``(advantages [N], tied [number of groups])``; ``tied`` marks groups with all-equal rewards.
+    """
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    rewards = rewards.float()
+    zeros = torch.zeros(len(counts), dtype=rewards.dtype, device=rewards.device)
+    mean = zeros.index_add(0, inverse, rewards) / counts
+    centred = rewards - mean[inverse]
+    std = (zeros.index_add(0, inverse, centred**2) / counts).sqrt()
+    low = zeros.scatter_reduce(0, inverse, rewards, "amin", include_self=False)
+    high = zeros.scatter_reduce(0, inverse, rewards, "amax", include_self=False)
+    tied = low == high
+    advantages = torch.where(tied[inverse], torch.zeros_like(rewards), centred / (std[inverse] + eps))
+    return advantages, tied
+
+
+def grpo_loss(logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+              clip_range: float, kl_coef: float) -> dict[str, Tensor]:
+    """GRPO's loss over ``[B, T]`` tokens: the clipped-ratio objective of ``clipped_policy_loss`` with each token
+    given its sequence's advantage (``advantages [B]``), plus ``kl_coef`` times the k3 KL to the reference, both
+    averaged over all masked tokens of the batch (each token weighs the same, so long sequences are not
+    down-weighted). Returns ``loss``, ``policy_loss``, ``kl`` (mean k3 per token) and ``clip_frac`` (share of tokens
+    whose ratio left ``1 +- clip_range``)."""
+    mask = mask.to(logprobs.dtype)
+    token_advantages = advantages[:, None].expand_as(logprobs)
+    policy_loss, ratio, _ = clipped_policy_loss(logprobs, old_logprobs, token_advantages, mask, clip_range)
+    kl = masked_mean(kl_k3(logprobs * mask, ref_logprobs * mask), mask)  # masked first: padding can't overflow exp
+    with torch.no_grad():
+        clip_frac = masked_mean(((ratio - 1).abs() > clip_range).float(), mask)
+    return {"loss": policy_loss + kl_coef * kl, "policy_loss": policy_loss, "kl": kl, "clip_frac": clip_frac}

@@ -48,18 +48,28 @@ def require_reachable(name: str, timeout: float = 3.0) -> None:
     (``from_pretrained`` itself retries for about a minute before it gives up)."""
     if os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE") == "1":
         return
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
     if any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "tokenizer_config.json")):
         return
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError as error:
+    error = hub_connection_error(timeout)
+    if error is not None:
         raise _hub_error(name, error) from error
+
+
+def hub_connection_error(timeout: float = 3.0) -> OSError | None:
+    """The error of opening a connection to the Hugging Face hub, or ``None`` when it can be reached (a quick
+    check before a library that retries for a minute)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+    except OSError as error:
+        return error
+    return None
 
 
 # --- tokenizers -----------------------------------------------------------------------------------------------

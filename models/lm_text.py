@@ -125,17 +125,34 @@ def causal_lm_loss(logits: Tensor, labels: Tensor, reduction: str = "mean") -> T
                            reduction=reduction)
 
 
+def _labelled_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
+                     position_ids: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits of the positions that predict a labelled token (the output layer runs on those only), their target
+    tokens, and the ``[B, L - 1]`` mask of those positions. Packed rows pass ``position_ids`` and no
+    ``attention_mask`` (see :func:`pack`)."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    predicting = targets != IGNORE_INDEX
+    return model.get_output_embeddings()(hidden[:, :-1][predicting]).float(), targets[predicting], predicting
+
+
 def completion_loss(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor,
                     position_ids: Tensor | None = None) -> Tensor:
     """:func:`causal_lm_loss` of ``model`` with the output layer run only on the positions that predict a labelled
     token (a few per row for a short completion): the same loss and gradients, less compute. Packed rows pass
     ``position_ids`` and no ``attention_mask`` (see :func:`pack`)."""
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 use_cache=False).last_hidden_state
-    targets = labels[:, 1:]
-    predicting = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
-    return F.cross_entropy(logits.float(), targets[predicting])
+    logits, targets, _ = _labelled_logits(model, input_ids, attention_mask, labels, position_ids)
+    return F.cross_entropy(logits, targets)
+
+
+def completion_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+    """``[B]`` log-probability of each row's labelled tokens (its completion) under ``model``: the sum over them of
+    ``log p(token | tokens before)``, for right-padded rows."""
+    logits, targets, predicting = _labelled_logits(model, input_ids, attention_mask, labels)
+    token_logprobs = -F.cross_entropy(logits, targets, reduction="none")
+    rows = predicting.nonzero()[:, 0]
+    return torch.zeros(len(input_ids), device=logits.device).index_add(0, rows, token_logprobs)
 
 
 # --- generation -------------------------------------------------------------------------------------------------

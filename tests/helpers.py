@@ -61,3 +61,45 @@ class InjectNaN(Callback):
         if trainer.global_step in self.steps:
             with torch.no_grad():
                 next(p for p in module.parameters() if p.requires_grad).view(-1)[0] = float("nan")
+
+
+def read_offline_wandb_run(folder) -> dict:
+    """What an offline W&B run folder (``wandb/offline-run-*``) recorded: ``group``, ``job_type``, ``tags``,
+    ``name``, ``config`` and ``summary`` (last values), read from its ``run-*.wandb`` file: the LevelDB log format
+    (a 7-byte W&B header, 32 KiB blocks of chunks with a CRC32, a length and a FULL/FIRST/MIDDLE/LAST type)
+    around protobuf ``Record``s. wandb ships no reader for it."""
+    import struct
+    from pathlib import Path
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(Path(folder).glob("run-*.wandb")).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B data file"
+    out = {"config": {}, "summary": {}}
+    position, pending, block = 7, b"", 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a chunk header is padding
+            position += block - position % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind not in (1, 4):  # FIRST / MIDDLE (or padding): the record goes on
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        pending = b""
+        kind_of = record.WhichOneof("record_type")
+        if kind_of == "run":
+            run = record.run
+            out |= {"group": run.run_group, "job_type": run.job_type, "tags": list(run.tags),
+                    "name": run.display_name}
+            items = run.config.update
+        elif kind_of in ("config", "summary"):
+            items = getattr(record, kind_of).update
+        else:
+            continue
+        target = out["summary"] if kind_of == "summary" else out["config"]
+        for item in items:
+            target[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out

@@ -311,6 +311,40 @@ def test_kl_guard_rejects_a_spiking_rollout_restores_the_last_accepted_policy_an
     assert trainer.global_step == 4 and int(module.rollback_count) == 1  # training went on from there
 
 
+class _SpikeAtTheLastStep(Callback):
+    """Records the trainable weights when the last iteration starts, then pushes the adapter far from the
+    reference after the run's last optimiser step, which no rollout of the run samples."""
+
+    def __init__(self, last_iteration_step: int, last_step: int) -> None:
+        self.last_iteration_step, self.last_step, self.at_last_iteration = last_iteration_step, last_step, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.last_iteration_step:
+            self.at_last_iteration = {n: p.detach().clone() for n, p in module._trainable_state().items()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.last_step:
+            with torch.no_grad():
+                for name, p in module.lm.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=5.0)
+
+
+def test_a_policy_out_of_band_at_the_end_of_an_epoch_returns_to_the_last_accepted_one(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)  # 2 steps per iteration
+    spike = _SpikeAtTheLastStep(last_iteration_step=2, last_step=4)
+    _fit(module, prompts, tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False, callbacks=[spike])
+    # The run ends with the policy that sampled the last accepted rollout, not with the spiked one.
+    assert int(module.rollback_count) == 1
+    assert all(torch.equal(p, spike.at_last_iteration[n]) for n, p in module._trainable_state().items())
+
+
+def test_a_policy_in_band_at_the_end_of_an_epoch_is_kept(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)
+    _fit(module, prompts, tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False)
+    assert int(module.rollback_count) == 0
+
+
 def test_kl_guard_raises_the_coefficient_at_most_to_ten_times_its_initial_value(prompts, tmp_path):
     module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01, kl_coef=0.2)
     module.kl_coef_value.fill_(1.5)  # as if earlier spikes had raised it already
@@ -443,7 +477,8 @@ def test_validation_win_rate_in_band_is_the_win_rate_only_while_the_kl_is_not_ab
         assert n % 4 == 0
         reward = torch.tensor([1.0, 0.0, -1.0, -1.0]).repeat(n // 4)
         kl = torch.tensor([2.8, 3.0]).repeat(n // 2)
-        return {"reward": reward, "reward_ref": torch.zeros(n), "kl": kl, "length": torch.ones(n), "texts": []}
+        return {"reward": reward, "reward_ref": torch.zeros(n), "kl": kl, "length": torch.ones(n), "texts": [""] * n,
+                "ref_texts": [""] * n}
 
     module.compare = compare
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
@@ -564,7 +599,7 @@ def test_model_overlay_sets_model_and_tokenizer_of_every_phase(overlay, capsys):
     import yaml
 
     name = yaml.safe_load(overlay.read_text())["model"]["init_args"]["lm"]["model_name"]
-    for phase in ("sft", "reward", "ppo"):
+    for phase in ("sft", "reward", "ppo", "dpo", "grpo"):
         base = yaml.safe_load((REPO / f"configs/rlhf/{phase}.yaml").read_text())
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(REPO / f"configs/rlhf/{phase}.yaml"), "--config", str(overlay),

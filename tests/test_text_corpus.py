@@ -106,15 +106,15 @@ def test_splits_are_disjoint_and_shared_across_phases(cache):
 def test_local_files_and_bad_input(tmp_path, cache):
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": f"First line {i}. Second line {i}. Third."}) for i in range(40)))
-    dm = PreferenceDataModule(files=[str(jsonl)], text_field="body", tokenizer_cache=cache, vocab_size=300)
+    dm = PreferenceDataModule(dataset=str(jsonl), text_column="body", tokenizer_cache=cache, vocab_size=300)
     chosen, rejected = dm.pairs("train")[0]
     assert sorted(split_sentences(chosen)) == sorted(split_sentences(rejected)) and chosen != rejected
     with pytest.raises(ValueError, match="needs the generated corpus"):
-        PreferenceDataModule(files=[str(jsonl)], text_field="body", corruptions=["name"], tokenizer_cache=cache,
+        PreferenceDataModule(dataset=str(jsonl), text_column="body", corruptions=["name"], tokenizer_cache=cache,
                              vocab_size=300)
-    with pytest.raises(ValueError, match="no field 'text'"):
-        TextCorpusDataModule(files=[str(jsonl)], tokenizer_cache=cache)
+    with pytest.raises(ValueError, match="c.jsonl.*no column 'text'"):
+        TextCorpusDataModule(dataset=str(jsonl), tokenizer_cache=cache)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        TextCorpusDataModule(files=[str(tmp_path / "missing.txt")], tokenizer_cache=cache)
+        TextCorpusDataModule(dataset=str(tmp_path / "missing.txt"), tokenizer_cache=cache)
     with pytest.raises(ValueError, match="val_fraction"):
         TextCorpusDataModule(val_fraction=0.6, test_fraction=0.5, tokenizer_cache=cache)

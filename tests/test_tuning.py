@@ -39,6 +39,7 @@ from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
 from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space, sampled_hparams, suggest
 from tuning.study import ClaimLock, StudySettings, Tuning, hparams_of
+from tuning.tracking import WandbSettings
 from tuning.trial import SEED_TARGETS, TrialSettings
 
 SMALL_DATA = ["--data.num_people", "30", "--data.num_val_people", "4", "--data.num_test_people", "2",
@@ -381,24 +382,34 @@ def test_local_instruction_files_and_bad_input(tmp_path):
     path = tmp_path / "set.jsonl"
     rows = [{"instruction": f"Add {i} and 1.", "input": "", "output": str(i + 1)} for i in range(40)]
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    local = InstructionDataModule(files=[str(path)], tokenizer_cache=str(tmp_path), vocab_size=300)
+    local = InstructionDataModule(dataset=str(path), tokenizer_cache=str(tmp_path), vocab_size=300)
     assert len(local.examples["train"]) == 32 and len(local.examples["val"]) == 4 and local.knowledge == []
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        InstructionDataModule(files=[str(tmp_path / "missing.jsonl")])
+        InstructionDataModule(dataset=str(tmp_path / "missing.jsonl"))
     (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n')
-    with pytest.raises(ValueError, match="output"):
-        InstructionDataModule(files=[str(tmp_path / "bad.jsonl")])
+    with pytest.raises(ValueError, match="bad.jsonl.*no column 'output'"):
+        InstructionDataModule(dataset=str(tmp_path / "bad.jsonl"))
 
 
 def test_a_datasets_name_is_read_through_the_library(tmp_path, monkeypatch):
-    rows = [{"instruction": f"Name {i}.", "input": "", "output": f"n{i}"} for i in range(30)]
-    fake = type(sys)("datasets")
-    fake.load_dataset = lambda name, split: rows if (name, split) == ("org/instructions", "train") else 1 / 0
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    hub = InstructionDataModule(dataset="org/instructions", tokenizer_cache=str(tmp_path), vocab_size=300)
-    assert len(hub.examples["train"]) + len(hub.examples["val"]) + len(hub.examples["test"]) == 30
-    fake.load_dataset = lambda name, split: [{"prompt": "no instruction field"}]
-    with pytest.raises(ValueError, match="instruction"):
+    import datasets
+
+    rows = [{"question": f"Name {i}.", "answer": f"n{i}"} for i in range(30)]
+    calls = []
+
+    def load_dataset(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr("datamodules.sources.hub_connection_error", lambda timeout=3.0: None)  # "online"
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    hub = InstructionDataModule(dataset="org/instructions", dataset_config="en", split="train[:30]",
+                                prompt_column="question", input_column=None, completion_column="answer",
+                                tokenizer_cache=str(tmp_path), vocab_size=300)
+    assert calls == [("org/instructions", "en", "train[:30]")]
+    examples = hub.examples["train"] + hub.examples["val"] + hub.examples["test"]
+    assert sorted(e.output for e in examples) == sorted(r["answer"] for r in rows) and examples[0].input == ""
+    with pytest.raises(ValueError, match="'org/other'.*no column 'instruction'"):
         InstructionDataModule(dataset="org/other", tokenizer_cache=str(tmp_path))
 
 
@@ -551,7 +562,8 @@ def test_export_only_of_a_missing_study_creates_nothing(tmp_path, capsys):
 
 def test_settings_defaults_are_the_default_config():
     config = yaml.safe_load((REPO / "configs/tuning/default.yaml").read_text())
-    classes = {"study": StudySettings, "agents": BackendSettings, "seal": SealSettings, "data": InstructionDataModule}
+    classes = {"study": StudySettings, "agents": BackendSettings, "seal": SealSettings, "data": InstructionDataModule,
+               "wandb": WandbSettings}
     differ = []
     for section, cls in classes.items():
         parameters = inspect.signature(cls).parameters

@@ -29,10 +29,11 @@ from models.lm_factory import LMSettings, LoraSettings
 from tuning.backends import BackendSettings
 from tuning.seal import SealSettings
 from tuning.study import StudySettings, Tuning, best_summary, export_messages
+from tuning.tracking import WandbSettings
 from tuning.trial import TrialSettings
 
 SECTIONS = {"study": StudySettings, "data": InstructionDataModule, "trial": TrialSettings, "trial.lm": LMSettings,
-            "trial.lm.lora": LoraSettings, "agents": BackendSettings, "seal": SealSettings}
+            "trial.lm.lora": LoraSettings, "agents": BackendSettings, "seal": SealSettings, "wandb": WandbSettings}
 """Config key -> settings class: a refused value is reported as ``<key>.<field>``."""
 
 
@@ -46,6 +47,7 @@ def build_parser() -> ArgumentParser:
     parser.add_class_arguments(TrialSettings, "trial", help="The model and length of every trial.")
     parser.add_class_arguments(BackendSettings, "agents", help="The backend of the agents.")
     parser.add_class_arguments(SealSettings, "seal", help="The SEAL stage.")
+    parser.add_class_arguments(WandbSettings, "wandb", help="Each trial as one W&B run, grouped by study (off).")
     parser.add_argument("--export_only", type=bool, default=False,
                         help="Only write study.export_messages from the stored study; train nothing.")
     return parser
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         count = export_messages(study, init.study.export_messages)
         print(f"exported {count} messages to {init.study.export_messages}")
         return best_summary(study)
-    study = Tuning(init.study, init.data, init.trial, init.agents, init.seal).run()
+    study = Tuning(init.study, init.data, init.trial, init.agents, init.seal, init.wandb).run()
     summary = best_summary(study)
     print(json.dumps(summary))
     sys.stdout.flush()

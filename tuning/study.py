@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import time
 import warnings
@@ -30,6 +31,7 @@ from tuning.backends import BackendSettings, make_backend
 from tuning.qa import evaluate_qa
 from tuning.seal import SealSettings, seal_stage
 from tuning.space import DEFAULT_HPARAMS, SPACE, check_minimums, sampled_hparams, suggest
+from tuning.tracking import WandbSettings, log_trial
 from tuning.trial import TrialSettings, run_trial
 
 # Heartbeats and stale-trial retries are marked experimental by Optuna; they are what resume relies on.
@@ -229,9 +231,10 @@ class Tuning:
     """Runs a study: the agentic loop or an Optuna baseline, on one instruction task."""
 
     def __init__(self, study: StudySettings, data, trial: TrialSettings, agents: BackendSettings,
-                 seal: SealSettings) -> None:
-        """Wire the study's settings, the task and the agent backend."""
+                 seal: SealSettings, wandb: WandbSettings | None = None) -> None:
+        """Wire the study's settings, the task, the agent backend and the W&B logging of trials (off: ``None``)."""
         self.settings, self.data, self.trial_settings, self.seal_settings = study, data, trial, seal
+        self.wandb = wandb or WandbSettings()
         self.backend = make_backend(agents, data.tokenizer)
         self.judge = Judge(study.force_min_episodes, study.patience)
         self.reward, self.tuner, self.seal_expert = RewardPenalty(study.reward_tolerance), Tuner(), SealExpert()
@@ -323,10 +326,19 @@ class Tuning:
         finally:
             self.lock.release()
         try:
-            return self._episode(trial, hparams)
+            value = self._episode(trial, hparams)
         except Exception as error:  # kept on the trial: the reason a study ended without its episodes
             trial.set_user_attr("error", f"{type(error).__name__}: {str(error)[:300]}")
+            self._log_trial(trial, hparams, "FAIL")
             raise
+        self._log_trial(trial, hparams, "COMPLETE" if math.isfinite(value) else "FAIL", value)  # Optuna fails NaN
+        return value
+
+    def _log_trial(self, trial: optuna.Trial, hparams: dict, state: str, value: float | None = None) -> None:
+        attrs = trial.user_attrs
+        results = {"value": value, "metrics": attrs.get("metrics", {}), "qa": attrs.get("qa", {}),
+                   "seal": attrs.get("seal_summary") or {}}
+        log_trial(self.wandb, self.settings.study_name, self.settings.method, trial.number, hparams, state, results)
 
     def _episode(self, trial: optuna.Trial, hparams: dict) -> float:
         module, metrics = run_trial(hparams, self.data, self.trial_settings)

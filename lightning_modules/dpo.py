@@ -1,0 +1,115 @@
+"""Direct preference optimisation (DPO, Rafailov et al. 2023) of an LM policy on the reward model's preference
+pairs: the policy learns from the pairs directly, with no reward model and no sampling in training.
+
+    python train.py fit --config configs/rlhf/dpo.yaml --model.init_args.init_from <sft.ckpt> \
+        --model.init_args.reward_model_from <reward.ckpt>
+
+The reward model is used only to evaluate (the paired win rate over the reference, as PPO's), so DPO and PPO are
+compared on one table; the gold judge (``envs.story_judge``) scores both independently of it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from lightning_modules.policy_rl import PolicyRL
+from models.lm_factory import LMSettings, LoraSettings
+from models.lm_text import completion_logprobs
+
+PAIR_METRICS = {"loss": "loss", "chosen": "rewards/chosen", "rejected": "rewards/rejected",
+                "margin": "rewards/margin", "accuracy": "rewards/accuracy"}  # metric -> logged name
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
+             beta: float, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-pair sigmoid DPO loss and the implicit rewards ``beta * (log pi - log pi_ref)`` of the chosen and the
+    rejected completions (detached), from each completion's summed log-prob under the policy and the reference.
+
+    ``loss = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)`` with ``z`` = chosen reward - rejected reward and
+    ``eps = label_smoothing``, the share of pairs assumed to be labelled the wrong way round (conservative DPO).
+    """
+    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    z = chosen - rejected
+    loss = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return loss, chosen.detach(), rejected.detach()
+
+
+def pair_metrics() -> nn.ModuleDict:
+    return nn.ModuleDict({name: MeanMetric() for name in PAIR_METRICS})
+
+
+class DPO(PolicyRL):
+    """DPO of a LoRA adapter on the SFT model (or of every weight) on preference pairs of a shared prompt and two
+    completions (``datamodules.text_corpus.PreferencePromptDataModule``).
+
+    Each completion's log-prob is summed over its tokens (prompt and padding excluded), under the policy and under
+    the reference (the policy with its adapter disabled = the SFT model; a frozen copy for full fine-tuning, as in
+    PPO). Validation and test take two kinds of batch: pairs (``input_ids``, chosen rows first) give the DPO
+    metrics, prompts (``prompt_ids``) the paired generation evaluation of ``PolicyRL``.
+
+    Logged metrics: ``train/loss``, ``train/rewards/chosen`` and ``train/rewards/rejected`` (mean implicit reward
+    ``beta * (log pi - log pi_ref)`` of the chosen / rejected completions), ``train/rewards/margin`` (chosen -
+    rejected), ``train/rewards/accuracy`` (share of pairs whose chosen reward is the higher; 0 at the start, where
+    policy = reference and both are 0); the same under ``val/`` and ``test/`` over the split's pairs, and there also
+    those of ``PolicyRL`` (``val/win_rate`` over the reference judged by the reward model, ``val/kl``, the gold
+    judge's ``val/gold_win_rate``, ...).
+    """
+
+    def __init__(
+        self,
+        lm: LMSettings = LMSettings(lora=LoraSettings(r=16, alpha=32.0)),
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        **kwargs,
+    ) -> None:
+        """
+        Args:
+            lm: The policy (see ``LMPhase``): a LoRA adapter on the SFT model by default.
+            beta: Scale of the implicit reward ``beta * (log pi - log pi_ref)``; larger keeps the policy nearer its
+                reference.
+            label_smoothing: Share of pairs assumed mislabelled (conservative DPO), in [0, 0.5).
+        """
+        if beta <= 0 or not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got {beta}, {label_smoothing}")
+        super().__init__(lm=lm, **kwargs)
+        self.train_pairs, self.val_pairs, self.test_pairs = pair_metrics(), pair_metrics(), pair_metrics()
+
+    def pair_logprobs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed completion log-probs ``[2B]`` of every row under the policy and (no gradient) the reference."""
+        args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        with torch.no_grad():
+            reference = self._reference_forward(completion_logprobs, *args)
+        return completion_logprobs(self.lm, *args), reference
+
+    def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-pair loss and implicit rewards of the chosen and the rejected completions."""
+        policy, reference = self.pair_logprobs(batch)
+        return dpo_loss(*policy.chunk(2), *reference.chunk(2), self.hparams.beta, self.hparams.label_smoothing)
+
+    def _pair_step(self, batch: dict[str, Tensor], stage: str, metrics: nn.ModuleDict) -> Tensor:
+        loss, chosen, rejected = self.model_step(batch)
+        values = {"loss": loss.detach(), "chosen": chosen, "rejected": rejected, "margin": chosen - rejected,
+                  "accuracy": (chosen > rejected).float()}
+        for name, value in values.items():
+            metrics[name](value)  # called, not updated: a training step also logs the batch's value
+            self.log(f"{stage}/{PAIR_METRICS[name]}", metrics[name], batch_size=len(loss), add_dataloader_idx=False,
+                     prog_bar=name == "loss")
+        return loss.mean()
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._pair_step(batch, "train", self.train_pairs)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "prompt_ids" in batch:
+            super().validation_step(batch, batch_idx)
+        else:
+            self._pair_step(batch, "val", self.val_pairs)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "prompt_ids" in batch:
+            super().test_step(batch, batch_idx)
+        else:
+            self._pair_step(batch, "test", self.test_pairs)
