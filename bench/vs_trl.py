@@ -322,6 +322,7 @@ def trl_matches_ours(algo: str, trainer, tokenizer, dataset, ours: list) -> bool
 
 def run_trl(algo: str, s: dict, hf_model: str, updates: int, warmup: int, seed: int) -> tuple[nn.Module, dict]:
     """Train TRL's trainer for ``algo`` (``TRL_TRAINER``) for ``updates`` steps from the same SFT model."""
+    import datasets
     import trl
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -337,6 +338,7 @@ def run_trl(algo: str, s: dict, hf_model: str, updates: int, warmup: int, seed: 
                 self.start, self.start_step = time.perf_counter(), state.global_step
             self.end, self.steps = time.perf_counter(), state.global_step
 
+    datasets.disable_progress_bars()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(hf_model)
     model = AutoModelForCausalLM.from_pretrained(hf_model, dtype=torch.float32)
