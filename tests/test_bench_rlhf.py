@@ -136,3 +136,31 @@ def test_smoke_runs_give_every_story_phase_the_same_corpus():
 
     assert {stories(p) for p in ("sft", "reward", *bench.METHODS)} == {"400"}
     assert "--data.init_args.num_stories" not in bench.smoke_overrides("agentic_sft")
+
+
+def test_the_rollout_recorder_keeps_every_rollout_and_marks_the_rejected_ones():
+    from types import SimpleNamespace
+
+    import torch
+    from cli_runs import PPORollouts
+
+    recorder, trainer = PPORollouts(), SimpleNamespace(global_step=0, callback_metrics={})
+    ppo = SimpleNamespace(_queue=[], rollback_count=torch.tensor(0))
+
+    def batch(samples: bool, logged: dict, steps: int, rollbacks: int = 0) -> None:
+        ppo._queue = [] if samples else [torch.arange(2)]
+        recorder.on_train_batch_start(trainer, ppo, None, 0)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})  # stale values stay
+        trainer.global_step += steps
+        ppo.rollback_count += rollbacks
+        recorder.on_train_batch_end(trainer, ppo, None, None, 0)
+
+    batch(True, {"train/kl": 0.5, "train/policy_kl": 0.6}, steps=1)  # a rollout, then its first update
+    batch(False, {"train/policy_kl": 0.9}, steps=1)
+    batch(True, {"train/kl": 2.6}, steps=0, rollbacks=1)  # rejected by the KL guard: no update
+    trainer.callback_metrics["train/policy_kl"] = torch.tensor(5.0)  # logged by no update of this batch
+    batch(False, {}, steps=0)
+    batch(True, {"train/kl": 1.9, "train/policy_kl": 0.7}, steps=1)
+    assert [(r["step"], r["accepted"]) for r in recorder.rollouts] == [(0, True), (2, False), (2, True)]
+    assert [r["kl"] for r in recorder.rollouts] == pytest.approx([0.5, 2.6, 1.9])
+    assert recorder.policy_kl_max == pytest.approx(0.9)
