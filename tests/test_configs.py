@@ -16,6 +16,7 @@ ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Values a base config sets on purpose to something other than its class's default, with the reason.
 DELIBERATE_OVERRIDES: dict[tuple[str, str], str] = {
     ("rlhf/grpo.yaml", "data.init_args.batch_size"): "16 prompts x group_size 4 = PPO's 64 responses per rollout",
+    ("rlhf/agentic_ppo.yaml", "data.init_args.batch_size"): "64 episodes per rollout, one per task (GRPO: 8 x 8)",
 }
 
 
