@@ -90,14 +90,12 @@ def play_episodes(model: nn.Module, tokenizer, tasks: Sequence[Task], make_env, 
             wrote[i] += [True] * len(action) + [False] * len(reply)
     prompt_ids, prompt_mask = pad_with_mask(prompts, tokenizer.pad_token_id, left=True)
     body_ids, body_mask = pad_with_mask(bodies, tokenizer.pad_token_id)
-    as_tensor = lambda values, dtype=torch.float32: torch.tensor(values, dtype=dtype, device=device)  # noqa: E731
+    per_episode = {"returns": returns, "success": success, "invalid": invalid,
+                   "turns": [env.turns for env in envs], "tool_calls": [env.tool_calls for env in envs]}
     return Episodes(
         ids=torch.cat([prompt_ids, body_ids], 1).to(device), mask=torch.cat([prompt_mask, body_mask], 1).to(device),
-        start=prompt_ids.shape[1], trainable=pad(wrote, 0).bool().to(device), returns=as_tensor(returns),
-        success=as_tensor(success),
-        invalid=as_tensor(invalid), turns=as_tensor([env.turns for env in envs]),
-        tool_calls=as_tensor([env.tool_calls for env in envs]))
-
+        start=prompt_ids.shape[1], trainable=pad(wrote, 0).bool().to(device),
+        **{name: torch.tensor(values, dtype=torch.float32, device=device) for name, values in per_episode.items()})
 
 class AgenticRL:
     """The environment side of agentic RL, mixed into a ``PolicyRL`` algorithm (``AgenticGRPO``, ``AgenticPPO``):

@@ -17,6 +17,7 @@ from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import response_logprobs
 from models.lm_text import pad
 from tests.conftest import REPO
+from tests.test_resume import _check_resume
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
 TASK = Task("What is 12 plus 30?", "add", {"a": 12, "b": 30}, "42")
@@ -210,3 +211,26 @@ def test_configs_parse_and_the_class_defaults_equal_them(capsys, config, cls):
     configured.pop("optimizer")
     defaults = dict(cls().hparams)
     assert all(defaults[k] == v for k, v in configured.items() if k != "lm") and defaults["reward_model_from"] is None
+
+
+def test_agentic_grpo_resume_mid_iteration_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = AgenticTaskDataModule(num_train_tasks=60, num_eval_tasks=4, vocab_size=400, batch_size=2,
+                                 eval_batch_size=4, tokenizer_cache=str(tmp_path / "tok"))
+    sampled = agentic_rl.sample
+    actions = [encode_action(data.tokenizer, a) for a in ("no sentinel", WRONG)]
+
+    def seeded_actions(model, *args, **kwargs):  # a random tiny LM writes only invalid actions: all rewards tie
+        tokens, _ = sampled(model, *args, **kwargs)  # draws from the run's generator: seeded as the policy's own
+        chosen = pad([actions[int(t) % 2] for t in tokens[:, 0]], data.tokenizer.pad_token_id)
+        return chosen, chosen != data.tokenizer.pad_token_id
+
+    monkeypatch.setattr(agentic_rl, "sample", seeded_actions)
+
+    def make():  # 2 tasks x 4 episodes, minibatches of 4, 1 epoch: iterations of 2 steps
+        return AgenticGRPO(lm=LMSettings(**TINY, lora=LoraSettings(r=4, alpha=32.0)), group_size=4,
+                           max_new_tokens=8, minibatch_size=4, ppo_epochs=1)
+
+    module = _module(AgenticGRPO, data, group_size=4, max_new_tokens=8, minibatch_size=4)
+    buffer, _ = module.collect(next(iter(data.train_dataloader())))
+    assert buffer["advantages"].abs().sum() > 0  # the updates below move the adapter
+    _check_resume(make, data, tmp_path, 3, 5)  # step 3 is inside the second iteration
