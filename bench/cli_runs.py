@@ -16,6 +16,8 @@ from importlib import metadata
 from multiprocessing import get_context
 from pathlib import Path
 
+from lightning.pytorch import Callback
+
 LIBRARIES = ("torch", "lightning", "torchmetrics", "transformers", "peft", "bitsandbytes", "tokenizers", "optuna")
 REPO = Path(__file__).resolve().parents[1]
 WANDB_OVERLAY = REPO / "configs/logger/wandb.yaml"
@@ -76,6 +78,20 @@ def tune_overrides(job_type: str, seed: int) -> list[str]:
         return []
     return ["--wandb.enabled", "true", "--wandb.group", run["group"], "--wandb.job_type", job_type,
             "--wandb.tags", json.dumps(run["tags"])]
+
+
+class TrainClock(Callback):
+    """Seconds of the training loop (``on_train_start`` to ``on_train_end``, its validations included); a fit adds
+    it with ``--trainer.callbacks+=cli_runs.TrainClock``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.seconds = time.perf_counter() - self._start
 
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True,

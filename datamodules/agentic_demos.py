@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import per_device_batch, resumable
+from datamodules.distributed import Chunks, evaluation_loader, per_device_batch, resumable
 from envs.agentic import AgenticEnv, Task, default_tools, demonstrations, episode_prompt, make_task, observation_text
 from models.lm_factory import build_tokenizer
 from models.lm_text import lm_batch, pad_with_mask
@@ -118,8 +118,8 @@ class AgenticDemoDataModule(LightningDataModule):
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         items = self.items(split)
-        if not shuffle:
-            return DataLoader(items, batch_size=batch_size, collate_fn=self.collate)
+        if not shuffle:  # evaluation: whole batches dealt to the processes, none twice; placeholders are ``{}``
+            return evaluation_loader(self, Chunks(items, batch_size, self.collate), empty={})
         order = torch.utils.data.RandomSampler(items, generator=torch.Generator().manual_seed(self.hparams.seed))
         return DataLoader(items, batch_size=batch_size, sampler=resumable(self, order, batch_size),
                           collate_fn=self.collate)

@@ -1,13 +1,17 @@
 """How a global batch is shared out among the processes of a (possibly distributed) run, seeds per rank and
-step, and samplers that continue where a resumed run stopped."""
+step, samplers that continue where a resumed run stopped, and evaluation batches dealt whole to the processes."""
 
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
 def rank_and_world_size(datamodule: LightningDataModule) -> tuple[int, int]:
@@ -91,3 +95,79 @@ def resumable(datamodule: LightningDataModule, sampler: torch.utils.data.Sampler
     # Lightning cannot see that this loader continues mid-epoch and would warn that it restarts the epoch.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     return ResumableSampler(sampler, epochs, batches * batch_size, min(len(sampler), per_epoch * batch_size))
+
+
+# --- evaluation ------------------------------------------------------------------------------------------------
+class Chunks(Sequence):
+    """``items`` cut into consecutive batches of ``batch_size``, each made by ``collate`` when it is read."""
+
+    def __init__(self, items: Sequence, batch_size: int, collate: Callable[[list], Any] = list) -> None:
+        self.items, self.batch_size, self.collate = items, batch_size, collate
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.items) / self.batch_size)
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.collate(list(self.items[index * self.batch_size:(index + 1) * self.batch_size]))
+
+
+class RankBatches(IterableDataset):
+    """One process's share of whole evaluation batches, none repeated: batch ``i`` goes to rank ``i mod world_size``.
+
+    A ``DistributedSampler`` would pad the data to a multiple of the world size by repeating samples, so metrics
+    summed over the ranks would count those twice. Here a rank with fewer batches gets ``empty`` (an empty batch,
+    which evaluation steps skip) instead, so every rank runs the same number of steps, and the ranks together
+    evaluate each sample exactly once, in the same batches as one process does: the ``j``-th batch of rank ``r`` is
+    batch ``global_batch_index`` = ``j * world_size + r`` of one process. (An ``IterableDataset``: Lightning adds no
+    sampler of its own. DataLoader workers each take every n-th of the rank's batches; the loader's round robin
+    returns them in order.)
+    """
+
+    def __init__(self, batches: Sequence, rank: int = 0, world_size: int = 1, empty: Any = None) -> None:
+        """
+        Args:
+            batches: Every evaluation batch, in one process's order (indexing may build a batch).
+            rank: This process's rank.
+            world_size: Number of processes.
+            empty: What a rank gets for a batch it lacks.
+        """
+        self.batches, self.rank, self.world_size, self.empty = batches, rank, world_size, empty
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.batches) / self.world_size)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        first, step = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for local in range(first, len(self), step):
+            index = local * self.world_size + self.rank
+            yield self.batches[index] if index < len(self.batches) else self.empty
+
+
+def evaluation_loader(datamodule: LightningDataModule, batches: Sequence, empty: Any,
+                      num_workers: int = 0) -> DataLoader:
+    """A DataLoader of this process's share of ``batches`` (``RankBatches``); ``empty`` stands in for the batches
+    this rank lacks."""
+    rank, world_size = rank_and_world_size(datamodule)
+    return DataLoader(RankBatches(batches, rank, world_size, empty), batch_size=None, num_workers=num_workers)
+
+
+def global_batch_index(trainer: Trainer | None, batch_idx: int) -> int:
+    """The index one process gives the evaluation batch that this rank sees as ``batch_idx`` (``RankBatches``); on
+    one process (or outside a Trainer) ``batch_idx`` itself, so seeds keyed on it do not change with the world
+    size."""
+    if trainer is None:
+        return batch_idx
+    return batch_idx * trainer.world_size + trainer.global_rank
+
+
+def on_any_rank(flags: Sequence[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """Each flag or-ed over the processes of a distributed run (a collective: every process calls it, with as many
+    flags); the flags themselves on one process."""
+    if not flags or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(flags)
+    votes = torch.tensor([float(f) for f in flags], device=device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]

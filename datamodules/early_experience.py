@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.distributed import per_device_batch
+from datamodules.distributed import Chunks, evaluation_loader, per_device_batch
 from envs.text_env import TextEnv, expert_succeeds_within
 from envs.tiny_shop import tiny_shop_goals
 from envs.web_shop import WebShopEnv, make_catalog, make_goals
@@ -322,8 +322,9 @@ class EarlyExperienceDataModule(LightningDataModule):
         return DataLoader(ExperienceStream(self, per_device, rank, start), batch_size=None)
 
     def _episodes(self) -> DataLoader:
+        """``(split, env)`` batches dealt whole to the processes, none twice (placeholders are ``[]``)."""
         items = [(split, env) for split, envs in self.eval_envs.items() for env in envs]
-        return DataLoader(items, batch_size=self.hparams.eval_batch_size, collate_fn=list)
+        return evaluation_loader(self, Chunks(items, self.hparams.eval_batch_size), empty=[])
 
     def val_dataloader(self) -> DataLoader:
         return self._episodes()

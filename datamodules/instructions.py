@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import per_device_batch
+from datamodules.distributed import Chunks, evaluation_loader, per_device_batch
 from datamodules.sources import column_value, load_records
 from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import lm_batch
@@ -349,11 +349,16 @@ class InstructionDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.loader(self.examples["train"], per_device_batch(self, self.batch_size)[0], shuffle=True)
 
+    def _evaluation(self, split: str) -> DataLoader:
+        """The split's batches dealt whole to the processes, none twice (placeholders are ``{}``)."""
+        items = [self.encode_example(e) for e in self.examples[split]]
+        return evaluation_loader(self, Chunks(items, self.hparams.eval_batch_size, self.collate), empty={})
+
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.examples["val"], self.hparams.eval_batch_size)
+        return self._evaluation("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self.loader(self.examples["test"], self.hparams.eval_batch_size)
+        return self._evaluation("test")
 
     # --- questions --------------------------------------------------------------------------------------------
     def open_book_questions(self, split: str = "val") -> list[tuple[str, str]]:

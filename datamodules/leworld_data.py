@@ -41,7 +41,7 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datamodules.distributed import per_device_batch
+from datamodules.distributed import evaluation_loader, per_device_batch
 from models.leworld import address_split, centered_prefix, prefix_range_mean
 
 Difficulty = Literal["easy", "medium", "hard"]
@@ -267,7 +267,7 @@ class ResumableLoader(DataLoader):
 
 
 class FixedBatches(Dataset):
-    """Evaluation sequences cut into batches (Lightning shards them across ranks)."""
+    """Evaluation sequences cut into batches (dealt whole to the processes: ``datamodules.distributed.RankBatches``)."""
 
     def __init__(self, data: dict[str, Tensor], batch_size: int) -> None:
         self.data, self.chunks = data, torch.arange(len(data["states"])).split(batch_size)
@@ -398,11 +398,15 @@ class LeWorldDataModule(LightningDataModule):
             raise ValueError(f"batch_size {self.batch_size} exceeds train_sequences {self.hparams.train_sequences}")
         return ResumableLoader(EpochBatches(self, self.split("train"), per_device, rank, world_size), batch_size=None)
 
+    def _evaluation(self, split: str) -> DataLoader:
+        """The split's batches dealt whole to the processes, none twice (placeholders are ``{}``)."""
+        return evaluation_loader(self, FixedBatches(self.split(split), self.hparams.eval_batch_size), empty={})
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(FixedBatches(self.split("val"), self.hparams.eval_batch_size), batch_size=None)
+        return self._evaluation("val")
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(FixedBatches(self.split("test"), self.hparams.eval_batch_size), batch_size=None)
+        return self._evaluation("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

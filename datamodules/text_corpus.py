@@ -21,7 +21,14 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import EpochPermutation, per_device_batch, resumable, step_generator
+from datamodules.distributed import (
+    Chunks,
+    EpochPermutation,
+    evaluation_loader,
+    per_device_batch,
+    resumable,
+    step_generator,
+)
 from datamodules.sources import column_value, load_records
 from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import check_sequence_settings, lm_batch, pad_with_mask
@@ -310,14 +317,15 @@ class CorpusDataModule(LightningDataModule):
         return p, c[: max(1, self.hparams.max_length - len(p))]
 
     def _loader(self, items: list, batch_size: int, shuffle: bool, collate=None) -> DataLoader:
-        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else in order (through
-        ``collate``, or the ``collate`` given)."""
-        drop_last = shuffle and len(items) >= batch_size
-        sampler = None
-        if shuffle:  # seeded, so a resumed run draws the same order and continues where it stopped
-            sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
-        return DataLoader(items, batch_size=batch_size, sampler=sampler,
-                          collate_fn=collate or (self.train_collate if shuffle else self.collate),
+        """Training order when ``shuffle`` (seeded, resumable, through ``train_collate``), else whole batches dealt to
+        the processes in order, none twice (through ``collate``, or the ``collate`` given; placeholders are ``{}``)."""
+        if not shuffle:
+            return evaluation_loader(self, Chunks(items, batch_size, collate or self.collate), empty={},
+                                     num_workers=self.hparams.num_workers)
+        drop_last = len(items) >= batch_size
+        # Seeded, so a resumed run draws the same order and continues where it stopped.
+        sampler = resumable(self, EpochPermutation(len(items), self.hparams.corpus_seed), batch_size, drop_last)
+        return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=collate or self.train_collate,
                           num_workers=self.hparams.num_workers, drop_last=drop_last)
 
     def prompt_items(self, split: str) -> list[tuple[list[int], int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Literal
 
@@ -11,7 +10,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datamodules.distributed import per_device_batch, rank_and_world_size, step_generator
+from datamodules.distributed import evaluation_loader, per_device_batch, step_generator
 from envs.tool_env import NUM_STAGES, all_problems, sample_problems
 
 
@@ -56,29 +55,6 @@ class StageBatches(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         chunk = self.chunks[index]
         return self.digits[chunk], self.stages[chunk]
-
-
-class RankBatches(IterableDataset):
-    """One process's share of whole evaluation batches, none repeated: batch ``i`` goes to rank ``i mod world_size``.
-
-    A ``DistributedSampler`` would pad the batches to a multiple of the world size by repeating some, so metrics
-    summed over the ranks would count those twice. Here a rank with fewer batches gets empty ones instead, so every
-    rank runs the same number of steps, and the ranks together evaluate each problem exactly once, in the same
-    batches as one process does. (An ``IterableDataset``: Lightning adds no sampler of its own.)
-    """
-
-    def __init__(self, batches: StageBatches, rank: int = 0, world_size: int = 1) -> None:
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.batches) / self.world_size)
-
-    def __iter__(self):
-        for index in range(self.rank, len(self) * self.world_size, self.world_size):
-            if index < len(self.batches):
-                yield self.batches[index]
-            else:
-                yield self.batches.digits[:0], self.batches.stages[:0]
 
 
 class ToolTaskDataModule(LightningDataModule):
@@ -188,9 +164,9 @@ class ToolTaskDataModule(LightningDataModule):
         return DataLoader(stream, batch_size=None)
 
     def _evaluation_loader(self, batches: StageBatches) -> DataLoader:
-        """This process's share of ``batches`` (see ``RankBatches``; steps skip its empty batches)."""
-        rank, world_size = rank_and_world_size(self)
-        return DataLoader(RankBatches(batches, rank, world_size), batch_size=None)
+        """This process's share of ``batches``, dealt whole (``datamodules.distributed.RankBatches``; steps skip the
+        empty batches a rank with fewer gets)."""
+        return evaluation_loader(self, batches, empty=(batches.digits[:0], batches.stages[:0]))
 
     def val_dataloader(self) -> DataLoader:
         return self._evaluation_loader(self.val_set)

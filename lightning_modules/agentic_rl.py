@@ -150,6 +150,8 @@ class AgenticRL:
 
     # --- evaluation -------------------------------------------------------------------------------------------
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> None:
+        if not batch:  # the empty batch a process short of evaluation batches gets under DDP
+            return
         episodes = self.play(batch["tasks"], greedy=True)
         values = {"success": episodes.success, "turns": episodes.turns, "tool_calls": episodes.tool_calls,
                   "return": episodes.returns}
@@ -211,4 +213,12 @@ class AgenticPPO(AgenticRL, PPORLHF):
 
     @torch.no_grad()
     def rollout(self, batch: dict, generator: torch.Generator) -> GroupRollout:
+        if "tasks" not in batch:  # PPO's epoch-end KL check replays the last rollout's prompts, without their tasks
+            batch = {"tasks": self._training_tasks_of(batch["prompt_ids"], batch["prompt_mask"])}
         return self.episode_rollout(batch, generator, repeats=1)
+
+    def _training_tasks_of(self, prompt_ids: Tensor, prompt_mask: Tensor) -> list[Task]:
+        """The training tasks whose first-turn prompts these are (read from the DataModule's training split)."""
+        tasks = self.trainer.datamodule.tasks["train"]
+        by_prompt = {tuple(encode_prompt(self.tokenizer, task)): task for task in tasks}
+        return [by_prompt[tuple(ids[mask.bool()].tolist())] for ids, mask in zip(prompt_ids, prompt_mask)]

@@ -95,21 +95,37 @@ class DPO(PolicyRL):
                   "accuracy": (chosen > rejected).float()}
         for name, value in values.items():
             metrics[name](value)  # called, not updated: a training step also logs the batch's value
-            self.log(f"{stage}/{PAIR_METRICS[name]}", metrics[name], batch_size=len(loss), add_dataloader_idx=False,
-                     prog_bar=name == "loss")
+        self._log_pairs(stage, metrics, len(loss))
         return loss.mean()
+
+    def _log_pairs(self, stage: str, metrics: nn.ModuleDict, batch_size: int) -> None:
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{PAIR_METRICS[name]}", metric, batch_size=batch_size, add_dataloader_idx=False,
+                     prog_bar=name == "loss")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._pair_step(batch, "train", self.train_pairs)
 
+    def _pair_eval(self, batch: dict[str, Tensor], stage: str, metrics: nn.ModuleDict) -> None:
+        if batch:
+            self._pair_step(batch, stage, metrics)
+            return
+        # The empty batch a process short of evaluation batches gets under DDP: logged only, since computing a
+        self._log_pairs(stage, metrics, 1)  # metric is a collective that every process must join
+
+    @staticmethod
+    def _is_prompt_batch(batch: dict[str, Tensor], dataloader_idx: int) -> bool:
+        """Prompt batches (the generation evaluation) hold ``prompt_ids``; an empty batch is told by its loader."""
+        return "prompt_ids" in batch or (not batch and dataloader_idx > 0)
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "prompt_ids" in batch:
+        if self._is_prompt_batch(batch, dataloader_idx):
             super().validation_step(batch, batch_idx)
         else:
-            self._pair_step(batch, "val", self.val_pairs)
+            self._pair_eval(batch, "val", self.val_pairs)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "prompt_ids" in batch:
+        if self._is_prompt_batch(batch, dataloader_idx):
             super().test_step(batch, batch_idx)
         else:
-            self._pair_step(batch, "test", self.test_pairs)
+            self._pair_eval(batch, "test", self.test_pairs)

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torchmetrics import MeanMetric, MetricCollection
 
+from datamodules.distributed import on_any_rank
 from datamodules.early_experience import policy_prompt
 from envs.text_env import TextEnv
 from lightning_modules.lm_phase import LMPhase, LRDecay
@@ -57,8 +58,12 @@ def update_episode_metrics(metrics: MetricCollection, split: str, reward: float,
 
 
 def compute_and_reset(metrics: MetricCollection) -> dict[str, torch.Tensor]:
-    """The metrics of the splits that were played (a split without episodes is left out, not logged as NaN)."""
-    out = {f"{metrics.prefix}{key}": m.compute() for key, m in metrics.items(keep_base=True) if m.update_called}
+    """The metrics of the splits that were played on any process (a split without episodes is left out, not logged
+    as NaN; under DDP every process computes the same ones, since each compute is a collective)."""
+    items = list(metrics.items(keep_base=True))
+    device = next(iter(metrics.values())).device
+    played = on_any_rank([m.update_called for _, m in items], device)
+    out = {f"{metrics.prefix}{key}": m.compute() for (key, m), keep in zip(items, played) if keep}
     metrics.reset()
     return out
 
@@ -128,6 +133,8 @@ class EarlyExperienceAgent(LMPhase):
         return [tuple(o) for o in outcomes]
 
     def _evaluate(self, batch: list[tuple[str, TextEnv]], metrics: MetricCollection) -> None:
+        if not batch:  # the empty batch a process short of evaluation batches gets under DDP
+            return
         splits, envs = zip(*batch)
         for split, outcome in zip(splits, self.run_episodes(list(envs))):
             update_episode_metrics(metrics, split, *outcome)
@@ -166,8 +173,8 @@ class EarlyExperienceAgent(LMPhase):
         return [t.strip() for t in texts]
 
     def on_train_start(self) -> None:
-        # Outside Lightning's validation loop (which would not run before the first update): every rank plays all
-        # episodes, rank 0 logs them at step 0.
+        # Outside Lightning's validation loop (which would not run before the first update): every rank plays its
+        # share of the episodes, rank 0 logs them at step 0.
         if not self.hparams.evaluate_before_training or self.global_step > 0:
             return
         loader = self._experience().val_dataloader()

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, Metric, MetricCollection
 
+from datamodules.distributed import on_any_rank
 from lightning_modules.guarded import GuardedModule, non_finite_names, read_checkpoint
 from models.leworld import ArtificialMemory, InfoMode, LeWorldSystem
 
@@ -126,7 +127,10 @@ class EvalMetrics(MetricCollection):
 
     def compute(self) -> dict[str, Tensor]:
         """The metrics that were updated (a horizon past a short sequence is left out) and the routing entropy."""
-        out = {self.prefix + name: m.compute() for name, m in self.items(keep_base=True) if m.update_called}
+        items = list(self.items(keep_base=True))
+        # Under DDP each compute is a collective: every process computes those that any process updated.
+        updated = on_any_rank([m.update_called for _, m in items], next(iter(self.values())).device)
+        out = {self.prefix + name: m.compute() for (name, m), keep in zip(items, updated) if keep}
         names = [f"{self.prefix}usage/slm_{i}" for i in range(self.num_slms)]
         usage = [out[name] for name in names if name in out]
         if usage:
@@ -258,11 +262,14 @@ class LeWorldModule(GuardedModule):
         ``[B, n]`` (mean over the state), and for systems the read ranges and gates ``[B, n, M]``."""
         raise NotImplementedError
 
+    # Under DDP a process short of evaluation batches gets empty ones (``{}``; datamodules.distributed.RankBatches).
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self.evaluate(batch, self.val_metrics)
+        if batch:
+            self.evaluate(batch, self.val_metrics)
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self.evaluate(batch, self.test_metrics)
+        if batch:
+            self.evaluate(batch, self.test_metrics)
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         return {k: v.detach().cpu() for k, v in self.predict(batch).items()}

@@ -154,6 +154,7 @@ class LMPhase(GuardedModule):
         lr_decay: LRDecay = "constant",
         warmup_ratio: float = 0.0,
         export: bool = True,
+        export_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -165,6 +166,9 @@ class LMPhase(GuardedModule):
             warmup_ratio: Share of the optimiser steps over which the learning rate rises linearly from zero.
             export: After fitting, write Hugging Face folders to ``<run folder>/hf``: ``model`` (merged weights and
                 tokenizer) and, with LoRA, ``adapter`` (see ``models.lm_factory.export_hf``).
+            export_dir: A fixed folder for those Hugging Face folders instead of ``<run folder>/hf`` (e.g. the
+                pretrained base's, which later configs name); what an earlier fit wrote there is replaced, except
+                by a ``fast_dev_run``, which exports to its run folder instead.
         """
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -281,7 +285,9 @@ class LMPhase(GuardedModule):
         if self.trainer.is_global_zero:
             from experiment.save_config import run_dir
 
-            written = export_hf(lm, self.tokenizer, os.path.join(run_dir(self.trainer), "hf"))
+            fixed = self.hparams.export_dir if not self.trainer.fast_dev_run else None  # keep a trained base
+            folder = fixed or os.path.join(run_dir(self.trainer), "hf")
+            written = export_hf(lm, self.tokenizer, folder, replace=fixed is not None)
             self.print(f"Hugging Face folders: {', '.join(written.values())}")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
+from datamodules.distributed import global_batch_index
 from envs.story_judge import gold_score
 from lightning_modules.lm_phase import LMPhase, checkpoint_lm_settings, load_phase_checkpoint
 from models.lm_rollout import RewardModel, distinct_n, response_logprobs
@@ -226,7 +227,11 @@ class PolicyRL(LMPhase):
         return [self.tokenizer.decode(r[m], skip_special_tokens=True).strip() for r, m in zip(response, response_mask)]
 
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, metrics: GenerationMetrics, text: bool) -> None:
-        generator = torch.Generator(device=self.device).manual_seed(10_007 * (batch_idx + 1))
+        if not batch:  # the empty batch a process short of evaluation batches gets under DDP
+            return
+        # Seeded by the batch's index on one process, so every world size samples the same responses.
+        index = global_batch_index(self._trainer, batch_idx)
+        generator = torch.Generator(device=self.device).manual_seed(10_007 * (index + 1))
         out = self.compare(batch, generator)
         wins, ties = paired_wins(out["reward"], out["reward_ref"])
         values = {"reward": out["reward"], "reward_ref": out["reward_ref"], "win_rate": wins, "tie_rate": ties,

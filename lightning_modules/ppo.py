@@ -60,7 +60,9 @@ class PPORLHF(PolicyRL):
 
     Logged metrics: ``train/score`` (reward-model score of the samples), ``train/kl`` (sequence KL to the
     reference), ``train/kl_coef``, ``train/policy_loss``, ``train/value_loss``, ``train/approx_kl``,
-    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``,
+    ``train/clip_frac``, ``train/entropy``, ``train/response_length``, ``train/rollbacks``, ``train/policy_kl`` (the
+    sequence KL of the policy being updated, estimated from the rollout's samples), ``train/epoch_end_kl``
+    (the KL of a last rollout at each epoch end, which returns to the last accepted policy when above ``max_kl``),
     ``train/rollback_count`` (all rollbacks so far), ``train/kl_loss`` (with ``kl_loss_coef``),
     ``train/rollout_tokens_per_s``; validation and test as ``PolicyRL`` (the policy against its reference on the
     same prompts), and ``val/win_rate_in_band`` (the win rate while ``val/kl`` is not above the KL controller's
@@ -111,7 +113,9 @@ class PPORLHF(PolicyRL):
             target_kl: Stop an iteration's remaining minibatches once approx-KL > 1.5 x this (``null``: never).
             max_kl: KL guard: a rollout whose mean sequence KL exceeds this discards the policy that sampled it
                 (adapter, value head and optimiser go back to the last accepted rollout) and doubles the KL
-                coefficient, up to 10x ``kl_coef`` (``null``: never).
+                coefficient, up to 10x ``kl_coef`` (``null``: never). So does a policy whose KL, estimated during
+                an iteration from the rollout's samples weighted by their ratios, passes it (before it samples), and
+                a policy above it at an epoch's end.
             kl_loss_coef: Weight of a loss term: the exact KL(policy || reference) over the whole vocabulary at each
                 response position, averaged over the tokens. Unlike the sampled KL in the reward it also sees
                 probability moved to tokens the rollout did not sample (0: off; costs a reference forward per step).
@@ -218,8 +222,9 @@ class PPORLHF(PolicyRL):
         rewards[torch.arange(len(rewards)), last] += rollout.rewards
         advantages, returns = gae(rewards, values * rmask, rmask, hp.gamma, hp.gae_lambda)
         return {"ids": ids, "mask": mask, "response_mask": response_mask, "logprobs": logprobs,
-                "values": values * rmask, "advantages": advantages, "returns": returns, "rewards": rollout.rewards,
-                "kl": kl.sum(1), "tokens_per_s": torch.tensor(float(response_mask.sum()) / max(seconds, 1e-9)),
+                "ref_logprobs": ref_logprobs, "values": values * rmask, "advantages": advantages, "returns": returns,
+                "rewards": rollout.rewards, "kl": kl.sum(1),
+                "tokens_per_s": torch.tensor(float(response_mask.sum()) / max(seconds, 1e-9)),
                 "prompt_length": torch.tensor(p), **rollout.logs}
 
     # --- learning ---------------------------------------------------------------------------------------------
@@ -246,6 +251,10 @@ class PPORLHF(PolicyRL):
             approx_kl = masked_mean(ratio - 1 - log_ratio, rmask)
             clip_frac = masked_mean(((ratio - 1).abs() > hp.clip_range).float(), rmask)
             mean_ratio = masked_mean(ratio, rmask)
+            if "ref_logprobs" in mb:  # (a rollout saved by an earlier version has none)
+                # The sequence KL of the policy as it is now to the reference, from the rollout's samples weighted
+                # by their per-token ratios: what the next rollout would show, known before it is sampled.
+                losses["policy_kl"] = (ratio * self._kl(logprobs, mb["ref_logprobs"]) * rmask).sum(1).mean()
         return {"loss": loss, "policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy,
                 "approx_kl": approx_kl, "clip_frac": clip_frac, "mean_ratio": mean_ratio, **losses}
 
@@ -268,10 +277,7 @@ class PPORLHF(PolicyRL):
             self._rollback("non-finite rollout")
             return False
         if hp.max_kl is not None and kl > hp.max_kl:
-            # The controller moves by at most 20% per horizon: too slow for a spike. The cap keeps the KL term from
-            # swamping the score (and the value targets) when spikes repeat.
-            self.kl_coef_value.fill_(min(2.0 * float(self.kl_coef_value), KL_COEF_CAP * hp.kl_coef))
-            self._rollback(f"rollout KL {kl:.2f} > max_kl {hp.max_kl}", back_off=True)
+            self._reject(f"rollout KL {kl:.2f} > max_kl {hp.max_kl}")
             return False
         if self._accepted[-1] is not state:
             self._accepted.append(state)
@@ -287,6 +293,14 @@ class PPORLHF(PolicyRL):
         self.log("train/score", logs.pop("train/score"), prog_bar=True, batch_size=n)
         self.log_dict(logs, batch_size=n)
         return True
+
+    def _reject(self, reason: str) -> None:
+        """The KL guard: discard the policy whose KL is above the band and double the KL coefficient.
+
+        The controller moves by at most 20% per horizon: too slow for a spike. The cap keeps the KL term from
+        swamping the score (and the value targets) when spikes repeat."""
+        self.kl_coef_value.fill_(min(2.0 * float(self.kl_coef_value), KL_COEF_CAP * self.hparams.kl_coef))
+        self._rollback(reason, back_off=True)
 
     def _trainable_state(self) -> dict[str, Tensor]:
         names = {id(p) for p in self.trainable_parameters()}
@@ -316,6 +330,19 @@ class PPORLHF(PolicyRL):
             rank_zero_warn(f"PPO: {self.rollbacks} rejected rollouts in a row; training stops at the restored policy")
             self.trainer.should_stop = True
 
+    def on_train_epoch_end(self) -> None:
+        """The updates since the last accepted rollout were never seen by the KL guard: sample the epoch's last
+        prompts once more with the policy as it is and, if that rollout's KL is above ``max_kl``, return to the last
+        accepted policy, so that neither a checkpoint taken now nor the policy a run ends with is out of band."""
+        if self.hparams.max_kl is None or self._buffer is None or not self._accepted:
+            return
+        p = int(self._buffer["prompt_length"])
+        prompts = {"prompt_ids": self._buffer["ids"][:, :p], "prompt_mask": self._buffer["mask"][:, :p]}
+        kl = self._reduce(self.collect(prompts)["kl"].mean())
+        self.log("train/epoch_end_kl", kl)
+        if kl > self.hparams.max_kl:
+            self._rollback(f"epoch-end KL {kl:.2f} > max_kl {self.hparams.max_kl}", back_off=True)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
         if not self._queue and not self._start_iteration(batch):
@@ -327,6 +354,13 @@ class PPORLHF(PolicyRL):
         if not math.isfinite(self._reduce(losses["loss"])):
             self._rollback("non-finite loss")
             return
+        n = len(self._buffer["ids"])
+        updated = len(self._queue) + 1 < hp.ppo_epochs * (n // min(hp.minibatch_size, n))  # not the first minibatch
+        if updated and hp.max_kl is not None and "policy_kl" in losses:
+            estimate = self._reduce(losses["policy_kl"])
+            if estimate > hp.max_kl:  # this iteration's updates took the policy out of the band: reject it unsampled
+                self._reject(f"estimated KL {estimate:.2f} of the updated policy > max_kl {hp.max_kl}")
+                return
         if self._reduce(losses["mean_ratio"]) > hp.max_mean_ratio:
             ratio = float(losses["mean_ratio"])
             rank_zero_warn(f"PPO: mean ratio {ratio:.2f} > {hp.max_mean_ratio}; minibatch skipped")

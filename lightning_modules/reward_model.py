@@ -81,11 +81,17 @@ class PairwiseRewardModel(LMPhase):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         return self._step(batch, self.train_metrics)
 
+    def _eval_step(self, batch: dict[str, Tensor], metrics: MetricCollection) -> None:
+        if batch:
+            self._step(batch, metrics)
+        else:  # the empty batch a process short of evaluation batches gets under DDP: logged only, since computing
+            self.log_dict(metrics)  # a metric is a collective that every process must join
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, self.val_metrics)
+        self._eval_step(batch, self.val_metrics)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._step(batch, self.test_metrics)
+        self._eval_step(batch, self.test_metrics)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -40,10 +40,12 @@ class CausalLMSFT(LMPhase):
         return loss
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str, ppl: Perplexity, mean_loss: MeanMetric) -> None:
-        loss, logits = self.model_step(batch)
-        labels = batch["labels"][:, 1:]
-        ppl.update(logits[:, :-1].float(), labels)
-        mean_loss.update(loss, weight=(labels != IGNORE_INDEX).sum())
+        if batch:  # not the empty batch a process short of evaluation batches gets under DDP
+            loss, logits = self.model_step(batch)
+            labels = batch["labels"][:, 1:]
+            ppl.update(logits[:, :-1].float(), labels)
+            mean_loss.update(loss, weight=(labels != IGNORE_INDEX).sum())
+        # Logged for empty batches too: computing a metric is a collective that every process must join.
         self.log(f"{stage}/loss", mean_loss)
         self.log(f"{stage}/ppl", ppl, prog_bar=stage == "val")
 
@@ -83,6 +85,9 @@ class AgenticSFT(CausalLMSFT):
     def _tool_step(self, batch: dict, metrics: MetricCollection) -> None:
         from envs.agentic import default_tools, parse_action
 
+        if not batch:  # an empty batch (see ``_eval_step``)
+            self.log_dict(metrics)
+            return
         tools = default_tools()
         actions = [parse_action(text) for text in self.first_actions(batch["prompt_ids"], batch["prompt_mask"])]
         valid = torch.tensor([float(tools.is_valid_call(a)) for a in actions])

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor
 from torchmetrics import MeanMetric, MetricCollection
 
+from datamodules.distributed import global_batch_index
 from envs.tool_env import NUM_STAGES, STAGE_NUM_DIGITS, Semantics, ToolEnv, context_tokens, decode, stage_goal
 from lightning_modules.guarded import GuardedModule
 from lightning_modules.rl import gae, masked_mean, masked_normalize
@@ -145,7 +146,8 @@ class ToolAgentA2C(GuardedModule):
         # Action sampling uses its own generator, reseeded every step: runs are reproducible and resume exactly.
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
         self._score_all_tokens = advantage_estimator == "seed_terminal"
-        self._trajectories: list[str] = []  # readable greedy episodes of the latest validation
+        self.trajectories: list[str] = []  # readable greedy episodes of the latest validation, of every process
+        self._batch_trajectories: list[tuple[int, list[str]]] = []  # (global batch index, lines) of this process
         self.val_metrics = episode_metrics("val")
         self.test_metrics = episode_metrics("test")
 
@@ -238,16 +240,17 @@ class ToolAgentA2C(GuardedModule):
         return losses["loss"]
 
     # --- evaluation -------------------------------------------------------------------------------------------
-    # Under DDP a process with fewer evaluation batches than another gets empty ones (tool_tasks.RankBatches).
+    # Under DDP a process with fewer evaluation batches than another gets empty ones (distributed.RankBatches).
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch
         if batch_idx == 0:
-            self._trajectories = []
+            self._batch_trajectories = []
         if not len(digits):
             return
         rollout = self.rollout(digits, stage, greedy=True)
         update_episode_metrics(self.val_metrics, rollout, stage)
-        self._trajectories += self.describe(digits, stage, rollout)
+        index = global_batch_index(self._trainer, batch_idx)
+        self._batch_trajectories.append((index, self.describe(digits, stage, rollout)))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         digits, stage = batch
@@ -267,7 +270,8 @@ class ToolAgentA2C(GuardedModule):
         values = compute_episode_metrics(self.val_metrics)
         self.log("val/greedy_acc_min", values.pop("val/greedy_acc_min"), prog_bar=True)
         self.log_dict(values)
-        self._log_trajectories(self._trajectories)
+        self.trajectories = self._gather_trajectories()
+        self._log_trajectories(self.trajectories)
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(compute_episode_metrics(self.test_metrics))
@@ -286,6 +290,16 @@ class ToolAgentA2C(GuardedModule):
                 lines.append(f"stage {k} | digits {shown} | goal {int(goals[i])} | {program} -> {answer} ({mark})")
         return lines
 
+    def _gather_trajectories(self) -> list[str]:
+        """Every process's trajectories of this validation, in the batch order of one process (under DDP each
+        process evaluates some of the stages)."""
+        shares = [self._batch_trajectories]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            shares = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(shares, self._batch_trajectories)
+        batches = sorted((pair for share in shares for pair in share), key=lambda pair: pair[0])
+        return [line for _, lines in batches for line in lines]
+
     def _log_trajectories(self, lines: list[str]) -> None:
         if not lines or self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
@@ -296,4 +310,4 @@ class ToolAgentA2C(GuardedModule):
             logger.experiment.add_text("val/trajectories", "\n\n".join(lines), self.global_step)
 
     def on_train_end(self) -> None:
-        rank_zero_info("\n".join(["Greedy trajectories after training:", *self._trajectories]))
+        rank_zero_info("\n".join(["Greedy trajectories after training:", *self.trajectories]))

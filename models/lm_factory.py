@@ -15,6 +15,8 @@ import copy
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from torch import nn
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<pad>", "<bos>", "<eos>"
 TINY_ARCHITECTURES = ("tiny-llama", "tiny-smollm3")
+PRETRAIN_FOLDER = os.path.join("checkpoints", "pretrain")
+"""Where ``configs/pretrain/<name>.yaml`` writes its Hugging Face folder: ``<this>/<name>/hf/model``."""
+PRETRAINED_PATH = re.compile(r"(?:^|/)checkpoints/pretrain/([^/]+)/")
 DEFAULT_CACHE = os.environ.get("EXPERIENTIAL_AGENTS_CACHE", os.path.join("~", ".cache", "experiential-agents"))
 # Attention projections per architecture family, used when the caller asks for target_modules="auto".
 _ATTENTION_PROJECTIONS = {
@@ -43,10 +48,23 @@ def _hub_error(name: str, error: Exception) -> OSError:
     )
 
 
+def pretrain_command(name: str) -> str | None:
+    """The command that builds ``name`` when it is a pretrained base's folder (``<...>/checkpoints/pretrain/<config
+    name>/...``, where ``configs/pretrain/<config name>.yaml`` exports it), else ``None``."""
+    match = PRETRAINED_PATH.search(Path(name).as_posix())
+    return f"python train.py fit --config configs/pretrain/{match.group(1)}.yaml" if match else None
+
+
 def require_reachable(name: str, timeout: float = 3.0) -> None:
     """Fail at once, naming ``name``, when it is neither a local folder nor cached and the hub cannot be reached
-    (``from_pretrained`` itself retries for about a minute before it gives up)."""
-    if os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    (``from_pretrained`` itself retries for about a minute before it gives up); a missing pretrained base's folder
+    fails with the command that builds it."""
+    if os.path.isdir(name):
+        return
+    command = pretrain_command(name)
+    if command is not None:
+        raise FileNotFoundError(f"the pretrained base {name!r} does not exist: build it with `{command}`")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -415,26 +433,41 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def export_hf(model: nn.Module, tokenizer, folder: str | os.PathLike, merged: bool = True) -> dict[str, str]:
+def export_hf(model: nn.Module, tokenizer, folder: str | os.PathLike, merged: bool = True,
+              replace: bool = False) -> dict[str, str]:
     """Hugging Face folders of a trained LM under ``folder``: ``model`` (the weights with any LoRA adapter merged
     in, and the tokenizer; ``AutoModelForCausalLM.from_pretrained`` loads it) and, for a LoRA model, ``adapter``
     (``PeftModel.from_pretrained`` on the base model). A 4-bit model, or ``merged=False``, exports its adapter only.
-    Returns the paths."""
+    With ``replace``, ``folder`` is written beside itself first and then swapped in, so a reader never finds a
+    half-written model and nothing of an earlier export is left. Returns the paths."""
+    folder = Path(folder)
+    if not replace:
+        return _write_hf(model, tokenizer, folder, folder, merged)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    written = _write_hf(model, tokenizer, staging, folder, merged)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return written
+
+
+def _write_hf(model: nn.Module, tokenizer, folder: Path, final: Path, merged: bool) -> dict[str, str]:
+    """Write the folders of ``export_hf`` under ``folder``; the paths returned are under ``final``."""
     from peft import PeftModel
 
-    folder = Path(folder)
     written = {}
     if isinstance(model, PeftModel):
         model.save_pretrained(folder / "adapter")
         tokenizer.save_pretrained(folder / "adapter")
-        written["adapter"] = str(folder / "adapter")
+        written["adapter"] = str(final / "adapter")
     four_bit = getattr(model, "is_loaded_in_4bit", False) or getattr(
         getattr(model, "base_model", None), "is_loaded_in_4bit", False)
     if merged and not four_bit:
         plain = copy.deepcopy(model).merge_and_unload() if isinstance(model, PeftModel) else model
         plain.save_pretrained(folder / "model")
         tokenizer.save_pretrained(folder / "model")
-        written["model"] = str(folder / "model")
+        written["model"] = str(final / "model")
     return written
 
 

@@ -33,8 +33,8 @@ class SaveRankParameters(Callback):
 
 class SaveRankMetrics(Callback):
     """After each validation outside the sanity check, every rank writes the metrics Lightning holds
-    (``trainer.callback_metrics``) and its DataModule's state, when it has one, to
-    ``<folder>/metrics_rank<k>.json``."""
+    (``trainer.callback_metrics``), its DataModule's state, when it has one, and the module's ``trajectories``, when
+    it has them, to ``<folder>/metrics_rank<k>.json``."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
@@ -46,6 +46,8 @@ class SaveRankMetrics(Callback):
         record = {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}
         if trainer.datamodule is not None:
             record["datamodule"] = trainer.datamodule.state_dict()
+        if hasattr(pl_module, "trajectories"):
+            record["trajectories"] = list(pl_module.trajectories)
         with open(os.path.join(self.folder, f"metrics_rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
 

@@ -143,6 +143,17 @@ def test_ppo_gives_the_return_to_every_action_token_across_observations(data, mo
     assert buffer["train/success"] == 0.5 and buffer["train/score"] == 0.5
 
 
+def test_ppo_fit_runs_the_epoch_end_kl_check_on_the_last_rollouts_tasks(tmp_path):
+    data = AgenticTaskDataModule(num_train_tasks=8, num_eval_tasks=4, vocab_size=400, batch_size=4,
+                                 eval_batch_size=4, tokenizer_cache=str(tmp_path / "tok"))
+    module = AgenticPPO(lm=LMSettings(**TINY, lora=LoraSettings(r=4, alpha=32.0)), max_new_tokens=8,
+                        minibatch_size=4, ppo_epochs=1)
+    trainer = Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)  # 2 batches per epoch: an epoch ends after step 2
+    assert trainer.current_epoch >= 1 and "train/epoch_end_kl" in trainer.callback_metrics
+
+
 def test_one_grpo_update_favours_the_correct_episode(data, monkeypatch):
     torch.manual_seed(0)
     module = _module(AgenticGRPO, data, group_size=2, kl_coef=0.0)

@@ -313,6 +313,70 @@ def test_kl_guard_rejects_a_spiking_rollout_restores_the_last_accepted_policy_an
     assert trainer.global_step == 4 and int(module.rollback_count) == 1  # training went on from there
 
 
+class _SpikeAtTheLastStep(Callback):
+    """Records the trainable weights when the last iteration starts, then pushes the adapter far from the
+    reference after the run's last optimiser step, which no rollout of the run samples."""
+
+    def __init__(self, last_iteration_step: int, last_step: int) -> None:
+        self.last_iteration_step, self.last_step, self.at_last_iteration = last_iteration_step, last_step, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.last_iteration_step:
+            self.at_last_iteration = {n: p.detach().clone() for n, p in module._trainable_state().items()}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.last_step:
+            with torch.no_grad():
+                for name, p in module.lm.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=5.0)
+
+
+def test_a_policy_out_of_band_at_the_end_of_an_epoch_returns_to_the_last_accepted_one(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)  # 2 steps per iteration
+    spike = _SpikeAtTheLastStep(last_iteration_step=2, last_step=4)
+    _fit(module, prompts, tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False, callbacks=[spike])
+    # The run ends with the policy that sampled the last accepted rollout, not with the spiked one.
+    assert int(module.rollback_count) == 1
+    assert all(torch.equal(p, spike.at_last_iteration[n]) for n, p in module._trainable_state().items())
+
+
+def test_a_policy_in_band_at_the_end_of_an_epoch_is_kept(prompts, tmp_path):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)
+    _fit(module, prompts, tmp_path, max_steps=4, limit_val_batches=0, enable_checkpointing=False)
+    assert int(module.rollback_count) == 0
+
+
+class _SpikeAfterStep(Callback):
+    """Pushes the adapter far from the reference after one optimiser step."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.done = step, False
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.done:  # once: a rejected step leaves global_step as it is
+            self.done = True
+            with torch.no_grad():
+                for name, p in module.lm.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(std=5.0)
+
+
+def test_an_update_that_leaves_the_band_mid_iteration_is_rejected_before_the_policy_samples(prompts, tmp_path,
+                                                                                            monkeypatch):
+    module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01)  # 2 steps per iteration
+    rollout_kls, collect = [], module.collect
+    monkeypatch.setattr(module, "collect", lambda batch: rollout_kls.append(float((out := collect(batch))["kl"]
+                                                                                  .mean())) or out)
+    # The spike comes after the iteration's first update; its second minibatch estimates the spiked policy's KL.
+    with pytest.warns(UserWarning, match="estimated KL .* of the updated policy > max_kl"):
+        _fit(module, prompts, tmp_path, max_steps=2, limit_val_batches=0, enable_checkpointing=False,
+             callbacks=[_SpikeAfterStep(1)])
+    assert int(module.rollback_count) == 1
+    # Rollouts: the first, one from the restored policy, and the epoch end's; none sampled by the spiked policy.
+    assert len(rollout_kls) == 3 and max(rollout_kls) <= 0.01
+
+
 def test_kl_guard_raises_the_coefficient_at_most_to_ten_times_its_initial_value(prompts, tmp_path):
     module = _ppo(prompts, lora_r=4, target_kl=None, kl_estimator="k3", max_kl=0.01, kl_coef=0.2)
     module.kl_coef_value.fill_(1.5)  # as if earlier spikes had raised it already
@@ -524,30 +588,6 @@ def test_sft_ddp_on_two_cpu_processes_trains_different_shards_into_identical_ran
     assert all(torch.equal(start0[k], start1[k]) for k in start0)  # the same initial weights
     assert end0.keys() == end1.keys() and all(torch.equal(end0[k], end1[k]) for k in end0)  # gradients all-reduced
     assert any(not torch.equal(end0[k], start0[k]) for k in end0)  # and it did train
-
-
-def test_sft_validation_metrics_on_two_processes_equal_one_process(tmp_path, cache):
-    import os
-    import subprocess
-    import sys
-
-    tiny = ["--data.init_args.num_stories", "160", "--data.init_args.vocab_size", "320",  # 8 validation stories
-            "--data.init_args.eval_batch_size", "2", "--data.init_args.tokenizer_cache", cache, *TINY_CLI]
-    fit = main(["fit", "--config", str(REPO / "configs/rlhf/sft.yaml"), "--trainer.max_steps", "2",
-                "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(tmp_path), *tiny])
-    checkpoint = fit.trainer.checkpoint_callback.last_model_path
-    metrics = {}
-    for name, overlay in (("one", []), ("two", ["--config", str(REPO / "configs/trainer/ddp_cpu.yaml")])):
-        command = [sys.executable, str(REPO / "train.py"), "validate", "--config", str(REPO / "configs/rlhf/sft.yaml"),
-                   *overlay, "--ckpt_path", checkpoint, "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-                   "--trainer.logger.save_dir", str(tmp_path / name), "--trainer.enable_progress_bar", "false", *tiny]
-        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
-                                env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
-        assert result.returncode == 0, result.stderr[-3000:]
-        [row] = list(csv.DictReader(open(next((tmp_path / name).rglob("metrics.csv")))))
-        metrics[name] = {k: float(v) for k, v in row.items() if k.startswith("val/")}
-    assert metrics["one"].keys() == metrics["two"].keys() == {"val/loss", "val/ppl"}
-    assert all(metrics["two"][k] == pytest.approx(v, rel=1e-5) for k, v in metrics["one"].items())
 
 
 SEED_MODELS = {"EleutherAI/pythia-70m-deduped", "EleutherAI/pythia-160m-deduped", "EleutherAI/pythia-410m-deduped",

@@ -19,8 +19,9 @@ import yaml
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from datamodules.tool_tasks import AdvanceCurriculum, RankBatches, ToolTaskDataModule
-from envs.tool_env import context_tokens
+from datamodules.distributed import RankBatches
+from datamodules.tool_tasks import AdvanceCurriculum, ToolTaskDataModule
+from envs.tool_env import NUM_STAGES, context_tokens
 from experiment.cli import main
 from lightning_modules.guarded import GuardedModule, NonFiniteGuard
 from lightning_modules.tool_agent import (
@@ -321,6 +322,7 @@ def _run_cli(cwd, *args):
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=500,
                             env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def _saved_metrics(folder, rank=0):
@@ -331,7 +333,7 @@ def test_ddp_curriculum_and_validation_equal_one_process(tmp_path, monkeypatch):
     default, ddp = str(REPO / "configs/tool_agent/default.yaml"), str(REPO / "configs/trainer/ddp_cpu.yaml")
     save = ["--trainer.callbacks+=tests.helpers.SaveRankMetrics", "--trainer.callbacks.init_args.folder"]
     # A short fit on two processes passes the curriculum's stage 1 (the same on both ranks).
-    _run_cli(tmp_path, "fit", "--config", default, "--config", ddp, "--trainer.max_epochs", "3",
+    output = _run_cli(tmp_path, "fit", "--config", default, "--config", ddp, "--trainer.max_epochs", "3",
              "--data.init_args.batches_per_epoch", "5", "--data.init_args.advance_threshold", "0.05",
              *save, str(tmp_path / "fit"))
     states = [_saved_metrics(tmp_path / "fit", rank)["datamodule"] for rank in (0, 1)]
@@ -349,6 +351,14 @@ def test_ddp_curriculum_and_validation_equal_one_process(tmp_path, monkeypatch):
     assert {"val/greedy_acc/stage_2", "val/reward", "val/episode_length"} <= set(one)
     for rank in (0, 1):
         assert _saved_metrics(tmp_path / "ddp", rank)["metrics"] == pytest.approx(one, rel=1e-6), rank
+    # The greedy trajectories cover every stage on both processes, as on one (each process evaluates some stages).
+    every_stage = {f"stage {k}" for k in range(NUM_STAGES)}
+    trajectories = _saved_metrics(tmp_path / "one")["trajectories"]
+    assert {line.split(" |")[0] for line in trajectories} == every_stage
+    for rank in (0, 1):
+        assert _saved_metrics(tmp_path / "ddp", rank)["trajectories"] == trajectories, rank
+    printed = output.split("Greedy trajectories after training:")[1]
+    assert every_stage <= {line.split(" |")[0] for line in printed.splitlines()}
 
 
 class RecordLosses(Callback):
@@ -387,7 +397,8 @@ def test_resume_from_any_step_continues_exactly(tmp_path, step):
 def test_evaluation_batches_are_dealt_whole_and_once(world_size):
     data = ToolTaskDataModule(val_problems_per_stage=100, eval_batch_size=40)  # 3 batches per stage: 9 in all
     data.setup("validate")
-    shares = [list(RankBatches(data.val_set, rank, world_size)) for rank in range(world_size)]
+    empty = (data.val_set.digits[:0], data.val_set.stages[:0])
+    shares = [list(RankBatches(data.val_set, rank, world_size, empty)) for rank in range(world_size)]
     assert len({len(share) for share in shares}) == 1  # every rank steps as often
     batches = [batch for share in shares for batch in share if len(batch[0])]
     assert len(batches) == len(data.val_set)

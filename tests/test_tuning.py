@@ -1,18 +1,26 @@
 """The tuning loop: agent schemas under fuzzed output, the HTTP backend against a loopback server, QA scoring,
-SEAL's keep filter, the data, the tune command end to end, and resume after a real kill."""
+SEAL's keep filter, the data, the tune command end to end, resume after a real kill, and workers sharing a study on
+SQLite and on a real PostgreSQL server."""
 
 import inspect
 import json
 import math
+import multiprocessing
 import os
+import pwd
 import random
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 
 import optuna
 import pytest
@@ -30,7 +38,7 @@ from tuning.backends import BackendSettings, HTTPBackend, LocalLMBackend, RuleBa
 from tuning.qa import score_answers
 from tuning.seal import SealSettings, seal_stage, trainable_state
 from tuning.space import DEFAULT_HPARAMS, SPACE, Choice, Range, clamp_hparams, in_space, sampled_hparams, suggest
-from tuning.study import StudySettings, Tuning
+from tuning.study import ClaimLock, StudySettings, Tuning, hparams_of
 from tuning.tracking import WandbSettings
 from tuning.trial import SEED_TARGETS, TrialSettings
 
@@ -663,19 +671,24 @@ def test_a_rerun_fails_and_retries_a_dead_workers_trial_before_it_ends(tmp_path,
         == [claimed.params]
 
 
-@pytest.mark.parametrize("method", ["agentic", "random"])
-def test_two_workers_on_one_sqlite_study_claim_distinct_trials_and_stop_at_n_trials(tmp_path, data, monkeypatch,
-                                                                                     method):
-    monkeypatch.setattr("tuning.study.run_trial", fake_trial(seconds=0.3))
-    storage = f"sqlite:///{tmp_path}/study.db"
-    quick_tuning(storage, data, 5, method=method)  # create the study before the race
+def test_a_trial_claimed_by_a_worker_that_died_while_suggesting_has_its_whole_proposal():
+    study = optuna.create_study()
+    proposal = dict(DEFAULT_HPARAMS, lr=4e-4)
+    study.enqueue_trial(proposal)
+    trial = study.ask()
+    trial.suggest_float("lr", SPACE["lr"].low, SPACE["lr"].high, log=True)  # killed here, one suggestion made
+    frozen = study.get_trials()[0]
+    assert frozen.params == {"lr": 4e-4} and hparams_of(frozen) == proposal  # what the others must not repeat
+
+
+def race_two_workers(storage: str, data, n_trials: int, method: str) -> list:
+    """Two ``Tuning`` workers (threads, a stand-in trial) started together on one study; its trials at the end."""
     start, errors = threading.Barrier(2), []
 
     def worker():
         try:
-            tuning = quick_tuning(storage, data, 5, method=method)
             start.wait()
-            tuning.run()
+            quick_tuning(storage, data, n_trials, method=method).run()
         except Exception as error:  # reported below
             errors.append(error)
 
@@ -685,7 +698,16 @@ def test_two_workers_on_one_sqlite_study_claim_distinct_trials_and_stop_at_n_tri
     for thread in threads:
         thread.join(timeout=120)
     assert errors == [] and not any(thread.is_alive() for thread in threads)
-    trials = optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
+    return optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
+
+
+@pytest.mark.parametrize("method", ["agentic", "random"])
+def test_two_workers_on_one_sqlite_study_claim_distinct_trials_and_stop_at_n_trials(tmp_path, data, monkeypatch,
+                                                                                     method):
+    monkeypatch.setattr("tuning.study.run_trial", fake_trial(seconds=0.3))
+    storage = f"sqlite:///{tmp_path}/study.db"
+    quick_tuning(storage, data, 5, method=method)  # create the study before the race
+    trials = race_two_workers(storage, data, 5, method)
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 5  # none extra, none failed
     if method == "agentic":  # (two samplers with one seed draw the same configurations: not checked)
         assert len({tuple(sorted(t.params.items())) for t in trials}) == 5  # no proposal run twice
@@ -720,3 +742,161 @@ def test_every_method_starts_from_the_same_configuration(tmp_path, data, monkeyp
     assert first[False] != DEFAULT_HPARAMS
     if method != "tpe":  # without it, the agents start where random search starts (TPE's startup draws differ)
         assert first[False] == sampled_hparams(3)
+
+
+# --- several workers on a real PostgreSQL server -------------------------------------------------------------
+# All marked slow: they need the PostgreSQL server programs, which a fresh machine lacks (`.ci/run` installs them
+# after the default run, then runs `-m slow -k postgres`). Without them they fail, saying what to install.
+def postgres_programs() -> Path:
+    """Folder of the PostgreSQL server programs: on the PATH, or in Debian's ``/usr/lib/postgresql/<version>/bin``."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent  # the real folder, with pg_ctl and createdb beside it
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]), reverse=True)
+    if not versions:
+        pytest.fail("the PostgreSQL server programs (initdb, pg_ctl, createdb) are not installed: "
+                    "`apt-get install -y postgresql` (Debian / Ubuntu) or your system's postgresql server package")
+    return versions[0].parent
+
+
+@dataclass
+class Postgres:
+    """A running throwaway server: ``database(name)`` creates a database and returns its storage URL; the
+    password is in ``env`` (``PGPASSWORD``), as the docs ask, never in the URL."""
+
+    programs: Path
+    port: int
+    env: dict
+
+    def database(self, name: str) -> str:
+        run_checked([self.programs / "createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "tuner", name],
+                    env={**os.environ, **self.env})
+        return f"postgresql+psycopg://tuner@127.0.0.1:{self.port}/{name}"
+
+
+def run_checked(command: list, **kwargs) -> None:
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True, **kwargs)
+    assert done.returncode == 0, f"{' '.join(map(str, command))}: {done.stderr[-2000:]}"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server on a free loopback port, password authentication, stopped and removed at the end. The
+    server refuses to run as root: then it runs as ``nobody``, in a folder of its own outside pytest's private
+    temporary folder."""
+    programs = postgres_programs()
+    root = Path(tempfile.mkdtemp(prefix="tuning-postgres-"))
+    password = secrets.token_hex(12)
+    (root / "password").write_text(password)
+    server_user = {}
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for path in (root, root / "password"):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        server_user = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    with socket.socket() as probe:  # a free port (the server binds it a moment later)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+    run_checked([programs / "initdb", "-D", data, "-U", "tuner", "--auth=scram-sha-256",
+                 f"--pwfile={root / 'password'}", "-E", "UTF8", "--no-sync"], cwd=root, **server_user)
+    run_checked([programs / "pg_ctl", "start", "-w", "-D", data, "-l", root / "server.log", "-o",
+                 f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"], cwd=root, **server_user)
+    try:
+        yield Postgres(programs, port, {"PGPASSWORD": password})
+    finally:
+        subprocess.run([str(programs / "pg_ctl"), "stop", "-m", "immediate", "-D", str(data)], cwd=root,
+                       capture_output=True, **server_user)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def hold_claim_lock(storage: str, held) -> None:
+    """A worker that takes the claim lock and keeps it until it is killed."""
+    ClaimLock(storage, "claim:s").acquire()
+    held.set()
+    time.sleep(300)
+
+
+@pytest.mark.slow
+def test_the_postgres_claim_lock_excludes_other_workers_and_dies_with_its_holder(postgres, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", postgres.env["PGPASSWORD"])
+    storage = postgres.database("lock")
+    fork = multiprocessing.get_context("fork")  # a separate process, without importing the project again
+    held = fork.Event()
+    holder = fork.Process(target=hold_claim_lock, args=(storage, held), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(30)
+        with ClaimLock(storage, "claim:t"):  # another study's lock is free
+            pass
+        waiter, got = ClaimLock(storage, "claim:s"), threading.Event()
+        thread = threading.Thread(target=lambda: (waiter.acquire(), got.set()), daemon=True)
+        thread.start()
+        assert not got.wait(1.5)  # held by the other process
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # a worker dies holding the lock
+        holder.join()
+    assert got.wait(10)  # the server ended the dead session, and its lock with it
+    waiter.release()
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_postgres_study_claim_distinct_trials_and_stop_at_n_trials(postgres, data, monkeypatch):
+    monkeypatch.setenv("PGPASSWORD", postgres.env["PGPASSWORD"])
+    monkeypatch.setattr("tuning.study.run_trial", fake_trial(seconds=0.3))
+    trials = race_two_workers(postgres.database("race"), data, 5, "agentic")  # on an empty database: no tables yet
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 5
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5
+
+
+@pytest.mark.slow
+def test_postgres_workers_lose_no_finished_trial_when_one_is_killed(tmp_path, postgres, monkeypatch):
+    """Two ``train.py tune`` processes on one PostgreSQL study (empty database), one killed with SIGKILL while it
+    runs a trial, a replacement started at once."""
+    monkeypatch.setenv("PGPASSWORD", postgres.env["PGPASSWORD"])
+    storage, n_trials = postgres.database("workers"), 4
+    command = [sys.executable, str(REPO / "train.py"), *tune_args(
+        tmp_path, "--study.storage", storage, "--study.n_trials", str(n_trials), "--study.heartbeat_interval", "1",
+        "--study.grace_period", "3", "--trial.max_steps", "40", "--seal.enabled", "false")]
+    env = {**os.environ, **postgres.env, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+
+    def start():
+        return subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    workers, deadline, study, trials = [start(), start()], time.time() + 300, None, []
+    try:
+        while time.time() < deadline and all(w.poll() is None for w in workers):
+            time.sleep(0.2)
+            try:
+                if study is None:
+                    with ClaimLock(storage, "open"):  # as the workers do: the first one may be creating the tables
+                        study = optuna.load_study(study_name="agentic-lora", storage=storage)
+                trials = study.get_trials()
+            except KeyError:  # the study is not created yet
+                continue
+            running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and len(t.params) == len(SPACE)]
+            if len(running) == 2 and any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+                break  # both workers are mid-trial and one trial has finished
+        assert all(w.poll() is None for w in workers), [w.stderr.read().decode()[-2000:] for w in workers]
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        at_kill = study.get_trials()
+        workers.append(start())  # the machine is replaced (within the grace period)
+        for worker in workers[1:]:
+            assert worker.wait(timeout=600) == 0, worker.stderr.read().decode()[-3000:]
+    finally:
+        for worker in workers:
+            worker.kill()
+    trials = optuna.load_study(study_name="agentic-lora", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(complete) == n_trials and len(failed) == 1 and len(trials) == n_trials + 1
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == n_trials  # no configuration run twice
+    for before in at_kill:
+        if before.state == optuna.trial.TrialState.COMPLETE:  # kept as it was, never re-run
+            after = trials[before.number]
+            assert after.state == before.state and after.value == before.value
+            assert after.datetime_complete == before.datetime_complete
+    lost = failed[0]  # the killed worker's trial: running at the kill, failed on its stale heartbeat, re-run
+    assert at_kill[lost.number].state == optuna.trial.TrialState.RUNNING
+    assert [t.params for t in complete if t.system_attrs.get("failed_trial") == lost.number] == [hparams_of(lost)]

@@ -43,7 +43,7 @@ class StudySettings:
     """The study: where it is stored, how it searches and when it stops."""
 
     storage: str = "sqlite:///outputs/tuning/default.db"
-    """Optuna storage URL: ``sqlite:///file.db`` on one machine, ``postgresql://user@host/db`` (or
+    """Optuna storage URL: ``sqlite:///file.db`` on one machine, ``postgresql+psycopg://user@host/db`` (or
     ``mysql://...``) for workers on several machines. The password belongs in the URL's environment
     (e.g. ``PGPASSWORD``), not in a config."""
     study_name: str = "agentic-lora"
@@ -89,9 +89,15 @@ class StudySettings:
 
 
 def open_study(settings: StudySettings) -> optuna.Study:
-    """Create the study, or load it when it exists (the resume path)."""
+    """Create the study, or load it when it exists (the resume path). Workers starting together take turns: on an
+    empty PostgreSQL database, concurrent creation of Optuna's tables fails in all but one of them."""
     if settings.storage.startswith("sqlite:///"):
         Path(settings.storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    with ClaimLock(settings.storage, "open"):
+        return _create_or_load(settings)
+
+
+def _create_or_load(settings: StudySettings) -> optuna.Study:
     storage = optuna.storages.RDBStorage(
         settings.storage, heartbeat_interval=settings.heartbeat_interval, grace_period=settings.grace_period,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry),
@@ -113,23 +119,28 @@ TRIAL_ERRORS = (FloatingPointError, RuntimeError, ValueError)
 
 
 class ClaimLock:
-    """Serialises claiming trials among the workers of one study, so that deciding whether another trial is needed
-    (finished + running < ``n_trials``), proposing it and claiming it happen as one step: two workers never take
-    the same proposal, and together they never start more than ``n_trials`` trials that could finish.
+    """Serialises a step among the workers of one storage. ``Tuning`` claims trials under ``claim:<study>``, so that
+    deciding whether another trial is needed (finished + running < ``n_trials``), proposing it and claiming it happen
+    as one step: two workers never take the same proposal, and together they never start more than ``n_trials``
+    trials that could finish. ``open_study`` creates tables and studies under ``open``.
 
-    SQLite: an exclusive ``flock`` on ``<database>.lock`` next to the database (one machine, as SQLite itself);
-    PostgreSQL / MySQL: a session advisory lock of the database server, named after the study. Released by
-    ``release`` (idempotent) or when the process ends.
+    SQLite: an exclusive ``flock`` on ``<database>.lock`` next to the database (one machine, as SQLite itself; one
+    lock whatever the name); PostgreSQL / MySQL: a session advisory lock of the database server, named after
+    ``name``, on a connection of its own. Released by ``release`` (idempotent) or when the process ends (the server
+    drops a dead client's session and its locks).
     """
 
-    def __init__(self, storage_url: str, study_name: str) -> None:
+    def __init__(self, storage_url: str, name: str) -> None:
+        """``name``: workers using the same name (on the same database) exclude each other."""
         url = sqlalchemy.engine.make_url(storage_url)
         self.backend, self.held = url.get_backend_name(), False
-        self.key = zlib.crc32(f"tuning-claim:{study_name}".encode())
-        self.name = f"tuning-claim:{self.key}"
+        self.key = zlib.crc32(f"tuning-{name}".encode())
+        self.name = f"tuning-{self.key}"
         self.path = None if self.backend != "sqlite" or url.database in (None, "", ":memory:") else \
             f"{url.database}.lock"
-        self.engine = sqlalchemy.create_engine(storage_url) if self.backend in ("postgresql", "mysql") else None
+        # No pool: each claim opens its own connection and closing it really ends the session (and any lock).
+        self.engine = sqlalchemy.create_engine(storage_url, poolclass=sqlalchemy.pool.NullPool) \
+            if self.backend in ("postgresql", "mysql") else None
         self.file = self.connection = None
 
     def acquire(self) -> None:
@@ -155,10 +166,18 @@ class ClaimLock:
             self.connection.close()
             self.connection = None
 
+    def __enter__(self) -> ClaimLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
 
 def hparams_of(trial: FrozenTrial) -> dict[str, Any]:
-    """A trial's hyperparameters: suggested, or (queued, or claimed before its first suggestion) enqueued."""
-    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params", {}))
+    """A trial's hyperparameters: the enqueued ones (a queued trial, or one claimed by a worker that died before
+    suggesting them all) with those already suggested on top."""
+    return dict(trial.system_attrs.get("fixed_params", {})) | dict(trial.params)
 
 
 def history(study: optuna.Study) -> list[dict[str, Any]]:
@@ -221,7 +240,7 @@ class Tuning:
         self.reward, self.tuner, self.seal_expert = RewardPenalty(study.reward_tolerance), Tuner(), SealExpert()
         self.qa_generator, self.qa_evaluator = QAGenerator(), QAEvaluator()
         self.study = open_study(study)
-        self.lock = ClaimLock(study.storage, study.study_name)
+        self.lock = ClaimLock(study.storage, f"claim:{study.study_name}")
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> optuna.Study:
