@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import time
@@ -92,6 +93,31 @@ class TrainClock(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.seconds = time.perf_counter() - self._start
+
+
+class PPORollouts(Callback):
+    """Every rollout a PPO run (``lightning_modules.ppo.PPORLHF``) samples: its training step, mean sequence KL
+    (``train/kl``) and whether it was kept (not rolled back in its own batch), and the largest ``train/policy_kl`` of
+    the updates made. The CSV log writes only every ``log_every_n_steps``-th batch's latest values, so it can miss a
+    rollout (a rejected one, one cut short by the early stop); a fit adds this with
+    ``--trainer.callbacks+=cli_runs.PPORollouts``."""
+
+    def __init__(self) -> None:
+        self.rollouts: list[dict] = []
+        self.policy_kl_max = float("nan")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._samples = not pl_module._queue  # PPO samples a rollout when no minibatch of the last one is left
+        self._rollbacks, self._step = int(pl_module.rollback_count), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = trainer.callback_metrics  # this batch's values of what it logged
+        if self._samples and "train/kl" in metrics:
+            kept = int(pl_module.rollback_count) == self._rollbacks
+            self.rollouts.append({"step": self._step, "kl": float(metrics["train/kl"]), "accepted": kept})
+        if trainer.global_step > self._step and "train/policy_kl" in metrics:  # an update was made and logged
+            value = float(metrics["train/policy_kl"])
+            self.policy_kl_max = value if math.isnan(self.policy_kl_max) else max(self.policy_kl_max, value)
 
 
 def run_phase(config: str, seed: int, folder: str, *overrides: str, test: bool = True,
