@@ -1,4 +1,14 @@
-"""Agentic SFT demonstrations: expert turns of one-tool tasks in the sentinel grammar (``envs.agentic``)."""
+"""Agentic tasks in the sentinel grammar (``envs.agentic``): expert demonstrations for SFT, and task prompts for RL.
+
+Every episode has one token layout, shared by the demonstrations and the RL rollouts: ``<bos>`` + the task prompt,
+then per turn the action (`` " " + text`` and ``<eos>``) and, unless the episode ended, the environment's
+observation (``envs.agentic.observation_text``), each piece tokenised on its own. SFT trains on the actions of
+exactly the contexts an RL policy sees.
+
+The validation and test tasks are held out: none has the question of a training task (nor of the other split). The
+spaces of ``count_letter`` and ``reverse`` tasks are small (about 57 questions, all drawn among 3,000 training
+tasks), so with the default sizes the held-out tasks are ``add`` / ``multiply`` questions on unseen numbers.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +19,39 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.distributed import Chunks, evaluation_loader, per_device_batch, resumable
-from envs.agentic import Task, default_tools, demonstrations, make_task
+from envs.agentic import AgenticEnv, Task, default_tools, demonstrations, episode_prompt, make_task, observation_text
 from models.lm_factory import build_tokenizer
 from models.lm_text import lm_batch, pad_with_mask
+
+MAX_DRAWS_PER_TASK = 1000  # rejection sampling of held-out tasks gives up after this many draws per task
+
+
+def encode_prompt(tokenizer, task: Task) -> list[int]:
+    """``<bos>`` + the task's first-turn prompt."""
+    return [tokenizer.bos_token_id, *tokenizer(episode_prompt(task), add_special_tokens=False).input_ids]
+
+
+def encode_action(tokenizer, action: str) -> list[int]:
+    """An action as the agent writes it: a space, its text, ``<eos>``."""
+    return [*tokenizer(" " + action, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+
+
+def encode_observation(tokenizer, observation: str) -> list[int]:
+    """The environment's reply after an action (not written by the agent)."""
+    return tokenizer(observation_text(observation), add_special_tokens=False).input_ids
+
+
+def held_out_tasks(rng: random.Random, count: int, seen: set[str], tools) -> list[Task]:
+    """``count`` tasks whose questions are not in ``seen`` nor repeated (``seen`` gains them)."""
+    tasks = []
+    for _ in range(count * MAX_DRAWS_PER_TASK):
+        if len(tasks) == count:
+            return tasks
+        task = make_task(rng, tools)
+        if task.question not in seen:
+            seen.add(task.question)
+            tasks.append(task)
+    raise ValueError(f"found only {len(tasks)} of {count} tasks unseen in training: lower num_eval_tasks")
 
 
 class AgenticDemoDataModule(LightningDataModule):
@@ -32,7 +72,7 @@ class AgenticDemoDataModule(LightningDataModule):
         """
         Args:
             num_train_tasks: Training tasks (two demonstration turns each).
-            num_eval_tasks: Validation and test tasks each.
+            num_eval_tasks: Validation and test tasks each, held out (questions unseen in training).
             seed: Seed of the tasks.
             vocab_size: Size of the BPE tokenizer trained on the demonstrations.
             tokenizer_cache: Folder of cached tokenizers (``null``: the default cache).
@@ -45,20 +85,28 @@ class AgenticDemoDataModule(LightningDataModule):
         self.save_hyperparameters()
         rng = random.Random(seed)
         self.tools = default_tools()
-        self.tasks = {split: [make_task(rng, self.tools) for _ in range(n)] for split, n in
-                      (("train", num_train_tasks), ("val", num_eval_tasks), ("test", num_eval_tasks))}
+        self.tasks = {"train": [make_task(rng, self.tools) for _ in range(num_train_tasks)]}
+        seen = {task.question for task in self.tasks["train"]}
+        for split in ("val", "test"):
+            self.tasks[split] = held_out_tasks(rng, num_eval_tasks, seen, self.tools)
         texts = [f"{c} {a}" for task in self.tasks["train"] for c, a in demonstrations(task)]
         self.tokenizer = build_tokenizer(texts, vocab_size, tokenizer_cache)
         self.batch_size = batch_size
 
-    def encode(self, context: str, action: str) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        prompt = [tok.bos_token_id, *tok(context, add_special_tokens=False).input_ids]
-        return prompt, [*tok(" " + action, add_special_tokens=False).input_ids, tok.eos_token_id]
+    def demonstration_turns(self, task: Task) -> list[tuple[list[int], list[int]]]:
+        """``(context, action)`` tokens of each expert turn, in the episode layout the RL rollouts sample."""
+        env, tok = AgenticEnv(self.tools), self.tokenizer
+        env.reset(task)
+        context, turns = encode_prompt(tok, task), []
+        for _, action in demonstrations(task):
+            tokens = encode_action(tok, action)
+            turns.append((context, tokens))
+            context = context + tokens + encode_observation(tok, env.step(action).observation)
+        return turns
 
     def items(self, split: str) -> list[tuple[list[int], list[int], Task, bool]]:
-        return [(*self.encode(c, a), task, turn == 0) for task in self.tasks[split]
-                for turn, (c, a) in enumerate(demonstrations(task))]
+        return [(*turn, task, k == 0) for task in self.tasks[split]
+                for k, turn in enumerate(self.demonstration_turns(task))]
 
     def collate(self, items: list) -> dict:
         prompts, actions, tasks, first = zip(*items)
@@ -84,3 +132,28 @@ class AgenticDemoDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.hparams.eval_batch_size, shuffle=False)
+
+
+class AgenticTaskDataModule(AgenticDemoDataModule):
+    """Tasks for RL: batches of first-turn prompts (left-padded ``prompt_ids``/``prompt_mask``), their ``tasks`` and
+    ``index`` (position in the split). Training draws the training tasks (the ones the SFT demonstrations showed)
+    in a seeded order; validation and test take the held-out tasks in order. With the same ``num_train_tasks``,
+    ``seed`` and ``vocab_size`` as the agentic SFT run it builds the same tokenizer and the same splits."""
+
+    def __init__(self, *args, batch_size: int = 8, eval_batch_size: int = 50, **kwargs) -> None:
+        """
+        Args:
+            batch_size: Tasks per rollout, summed over devices (each played ``group_size`` times by GRPO).
+            eval_batch_size: Validation / test tasks per batch and device (one greedy episode each).
+        """
+        super().__init__(*args, batch_size=batch_size, eval_batch_size=eval_batch_size, **kwargs)
+
+    def items(self, split: str) -> list[tuple[int, Task]]:
+        return list(enumerate(self.tasks[split]))
+
+    def collate(self, items: list) -> dict:
+        index, tasks = zip(*items)
+        prompt_ids, prompt_mask = pad_with_mask([encode_prompt(self.tokenizer, t) for t in tasks],
+                                                self.tokenizer.pad_token_id, left=True)
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "index": torch.tensor(index),
+                "tasks": list(tasks)}

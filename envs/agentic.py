@@ -179,25 +179,35 @@ def episode_prompt(task: Task) -> str:
     return f"Task: {task.question}\nAction:"
 
 
+def observation_text(observation: str) -> str:
+    """What the environment appends to the transcript after an action: its observation and the next turn's cue."""
+    return f"\nObservation: {observation}\nAction:"
+
+
 @dataclass
 class StepResult:
     observation: str
     reward: float
     done: bool
     action: Action
+    invalid: bool = False
+    """The action was malformed, or a tool call the registry rejects (unknown tool, wrong arguments)."""
 
 
 class AgenticEnv:
     """A multi-turn episode: the agent acts, tools answer, the episode ends at ``<finish>`` or when a budget runs
-    out. Reward 1 for a correct final answer, 0 otherwise, minus ``invalid_penalty`` per malformed action."""
+    out. Reward 1 for a correct final answer, 0 otherwise, minus ``invalid_penalty`` per invalid action (malformed,
+    or a tool call the registry rejects); with ``end_on_invalid`` the first invalid action also ends the episode."""
 
     def __init__(self, tools: ToolRegistry | None = None, max_turns: int = 6, max_tool_calls: int = 10,
-                 invalid_penalty: float = 0.1, user_reply: str = "Please answer the task as asked.") -> None:
+                 invalid_penalty: float = 0.1, user_reply: str = "Please answer the task as asked.",
+                 end_on_invalid: bool = False) -> None:
         if max_turns < 1 or max_tool_calls < 0:
             raise ValueError("max_turns must be >= 1 and max_tool_calls >= 0")
         self.tools = tools or default_tools()
         self.max_turns, self.max_tool_calls = max_turns, max_tool_calls
         self.invalid_penalty, self.user_reply = invalid_penalty, user_reply
+        self.end_on_invalid = end_on_invalid
 
     def reset(self, task: Task) -> str:
         self.task, self.turns, self.tool_calls, self.done = task, 0, 0, False
@@ -210,6 +220,7 @@ class AgenticEnv:
         action = parse_action(output)
         self.turns += 1
         reward, observation = 0.0, ""
+        invalid = action.kind == "invalid" or (action.kind == "tool" and not self.tools.is_valid_call(action))
         if action.kind == "finish":
             self.done = True
             reward = float(action.text.strip() == self.task.answer)
@@ -223,12 +234,15 @@ class AgenticEnv:
         elif action.kind == "ask":
             observation = self.user_reply
         else:
-            reward, observation = -self.invalid_penalty, f"error: {action.error}"
+            observation = f"error: {action.error}"
+        if invalid:
+            reward = -self.invalid_penalty
+            self.done = self.done or self.end_on_invalid
         shown = action.text if action.kind in ("tool",) else output.strip()
-        self.transcript += f" {shown}\nObservation: {observation}\nAction:"
+        self.transcript += f" {shown}{observation_text(observation)}"
         if not self.done and self.turns >= self.max_turns:
             self.done = True
-        return StepResult(observation, reward, self.done, action)
+        return StepResult(observation, reward, self.done, action, invalid)
 
 
 def run_episode(env: AgenticEnv, task: Task, act: Callable[[str], str]) -> tuple[float, int]:

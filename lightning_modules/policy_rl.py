@@ -101,6 +101,10 @@ class PolicyRL(LMPhase):
     ``val/gold_win_rate`` (paired as the win rate, ties count half).
     """
 
+    uses_reward_model = True
+    """Whether rewards come from the reward model of ``reward_model_from`` (a subclass whose environment gives the
+    reward sets this false: no reward model is built, and ``reward_model_from`` is refused)."""
+
     def __init__(
         self,
         reward_model_from: str | None = None,
@@ -118,6 +122,8 @@ class PolicyRL(LMPhase):
         """
         if max_new_tokens < 1 or temperature <= 0 or (eval_temperature is not None and eval_temperature <= 0):
             raise ValueError("max_new_tokens must be >= 1, temperature and eval_temperature > 0")
+        if reward_model_from is not None and not self.uses_reward_model:
+            raise ValueError(f"{type(self).__name__} takes its reward from the environment: drop reward_model_from")
         super().__init__(**kwargs)
         self.reward_model: RewardModel | None = None
         self.reference: nn.Module | None = None
@@ -128,7 +134,8 @@ class PolicyRL(LMPhase):
         self.lm = self._build_lm(self._init_state())
         if self.lm_settings.lora is None:  # full fine-tuning: the reference is a frozen copy of the starting weights
             self.reference = copy.deepcopy(self.lm).requires_grad_(False).eval()
-        self.reward_model = self._load_reward_model().requires_grad_(False).eval()
+        if self.uses_reward_model:
+            self.reward_model = self._load_reward_model().requires_grad_(False).eval()
 
     def _load_reward_model(self) -> RewardModel:
         path = self.hparams.reward_model_from

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.distributed import step_generator
+from lightning_modules.grpo import GroupRollout
 from lightning_modules.policy_rl import PolicyRL
 from lightning_modules.rl import (
     clipped_policy_loss,
@@ -185,35 +186,46 @@ class PPORLHF(PolicyRL):
         return logprobs - ref_logprobs
 
     @torch.no_grad()
-    def collect(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One rollout batch with everything PPO needs (no gradients)."""
+    def rollout(self, batch: dict[str, Tensor], generator: torch.Generator) -> GroupRollout:
+        """The seam a multi-turn environment overrides (as ``GRPO.rollout_groups``; groups are not used): a response
+        to each prompt of the batch and its final reward, the reward model's score shaped as in ``rl.shaped_scores``.
+        PPO adds the reward at the last trainable token and trains on the ``trainable`` tokens only."""
         hp = self.hparams
-        generator = step_generator(self.sampling_seed, self.global_rank, self.global_step, self.rollback_count,
-                                   device=self.device)
         prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]
-        start = time.perf_counter()
         response, response_mask = self.generate(prompt_ids, prompt_mask, generator=generator)
-        seconds = time.perf_counter() - start
         ids = torch.cat([prompt_ids, response], 1)
         mask = torch.cat([prompt_mask, response_mask.long()], 1)
-        p = prompt_ids.shape[1]
-        logprobs, _, hidden = response_logprobs(self.lm, ids, mask, p, hp.temperature, with_hidden=True)
-        values = self.value_head(hidden)
-        ref_logprobs = self._reference_logprobs(ids, mask, p)
         raw_score = self.reward_model(ids, mask)
         score = shaped_scores(raw_score, response, response_mask, self.tokenizer.eos_token_id, hp.reward_clip,
                               hp.missing_eos_penalty)
+        return GroupRollout(ids=ids, mask=mask, start=prompt_ids.shape[1], trainable=response_mask.bool(),
+                            groups=torch.arange(len(ids), device=ids.device), rewards=score,
+                            logs={"train/score": raw_score.mean()})
+
+    @torch.no_grad()
+    def collect(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One rollout batch with everything PPO needs (no gradients); its ``train/`` entries are logged."""
+        hp = self.hparams
+        generator = step_generator(self.sampling_seed, self.global_rank, self.global_step, self.rollback_count,
+                                   device=self.device)
+        start = time.perf_counter()
+        rollout = self.rollout(batch, generator)
+        seconds = time.perf_counter() - start
+        ids, mask, p, response_mask = rollout.ids, rollout.mask, rollout.start, rollout.trainable
+        logprobs, _, hidden = response_logprobs(self.lm, ids, mask, p, hp.temperature, with_hidden=True)
+        values = self.value_head(hidden)
+        ref_logprobs = self._reference_logprobs(ids, mask, p)
         rmask = response_mask.float()
         kl = self._kl(logprobs, ref_logprobs) * rmask
         rewards = -self.kl_coef_value * kl
-        last = (response_mask.long().cumsum(1).argmax(1))  # index of the last response token
-        rewards[torch.arange(len(rewards)), last] += score
+        last = (response_mask.long().cumsum(1).argmax(1))  # index of the last trainable token
+        rewards[torch.arange(len(rewards)), last] += rollout.rewards
         advantages, returns = gae(rewards, values * rmask, rmask, hp.gamma, hp.gae_lambda)
         return {"ids": ids, "mask": mask, "response_mask": response_mask, "logprobs": logprobs,
-                "ref_logprobs": ref_logprobs, "values": values * rmask,
-                "advantages": advantages, "returns": returns, "score": raw_score, "kl": kl.sum(1),
+                "ref_logprobs": ref_logprobs, "values": values * rmask, "advantages": advantages, "returns": returns,
+                "rewards": rollout.rewards, "kl": kl.sum(1),
                 "tokens_per_s": torch.tensor(float(response_mask.sum()) / max(seconds, 1e-9)),
-                "prompt_length": torch.tensor(p)}
+                "prompt_length": torch.tensor(p), **rollout.logs}
 
     # --- learning ---------------------------------------------------------------------------------------------
     def ppo_losses(self, mb: dict[str, Tensor], prompt_length: int) -> dict[str, Tensor]:
@@ -261,7 +273,7 @@ class PPORLHF(PolicyRL):
         n = len(self._buffer["ids"])
         kl = self._reduce(self._buffer["kl"].mean())
         self.log("train/kl", kl, batch_size=n)
-        if not all(torch.isfinite(self._buffer[k]).all() for k in ("logprobs", "values", "advantages", "score")):
+        if not all(torch.isfinite(self._buffer[k]).all() for k in ("logprobs", "values", "advantages", "rewards")):
             self._rollback("non-finite rollout")
             return False
         if hp.max_kl is not None and kl > hp.max_kl:
@@ -274,10 +286,10 @@ class PPORLHF(PolicyRL):
         if hp.kl_target is not None:
             controller = AdaptiveKLController(float(self.kl_coef_value), hp.kl_target, hp.kl_horizon)
             self.kl_coef_value.fill_(controller.update(kl, n * self.trainer.world_size))
-        logs = {"train/score": self._buffer["score"].mean(), "train/kl_coef": self.kl_coef_value.clone(),
-                "train/rollback_count": self.rollback_count.float(),
+        logs = {"train/kl_coef": self.kl_coef_value.clone(), "train/rollback_count": self.rollback_count.float(),
                 "train/response_length": self._buffer["response_mask"].float().sum(1).mean(),
-                "train/rollout_tokens_per_s": self._buffer["tokens_per_s"]}
+                "train/rollout_tokens_per_s": self._buffer["tokens_per_s"],
+                **{k: v for k, v in self._buffer.items() if k.startswith("train/")}}
         self.log("train/score", logs.pop("train/score"), prog_bar=True, batch_size=n)
         self.log_dict(logs, batch_size=n)
         return True

@@ -22,10 +22,21 @@ def masked_normalize(values: Tensor, mask: Tensor, eps: float = 1e-8) -> Tensor:
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over ``[B, T]`` episodes that all terminate inside the window.
 
-    ``mask[b, t]`` marks the steps episode ``b`` took; the step after the last one has value 0 (terminal).
-    Returns ``(advantages, returns)``, both zero outside the mask; ``returns = advantages + values``.
+    ``mask[b, t]`` marks the steps episode ``b`` took, in order; they need not be adjacent (an agent's tokens with
+    an environment's between them): the step after one is the next marked column, and the step after the last one
+    has value 0 (terminal). Rewards outside the mask are ignored. Returns ``(advantages, returns)``, both zero
+    outside the mask; ``returns = advantages + values``.
     """
     mask = mask.to(values.dtype)
+    # Each row's steps gathered to its front, in order, so the recursion skips the columns between them.
+    order = torch.argsort((mask == 0).to(torch.int8), dim=1, stable=True)
+    advantages = _adjacent_gae(rewards.gather(1, order), values.gather(1, order), mask.gather(1, order), gamma, lam)
+    advantages = torch.zeros_like(values).scatter(1, order, advantages)
+    return advantages, (advantages + values) * mask
+
+
+def _adjacent_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> Tensor:
+    """GAE's advantages when each row's steps are its first ``mask.sum()`` columns."""
     next_mask = torch.nn.functional.pad(mask[:, 1:], (0, 1))
     next_values = torch.nn.functional.pad(values[:, 1:], (0, 1)) * next_mask
     deltas = rewards + gamma * next_values - values
@@ -34,8 +45,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     for t in reversed(range(values.shape[1])):
         running = deltas[:, t] + gamma * lam * next_mask[:, t] * running
         advantages[:, t] = running
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    return advantages * mask
 
 
 def clipped_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,

@@ -16,6 +16,7 @@ ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Values a base config sets on purpose to something other than its class's default, with the reason.
 DELIBERATE_OVERRIDES: dict[tuple[str, str], str] = {
     ("rlhf/grpo.yaml", "data.init_args.batch_size"): "16 prompts x group_size 4 = PPO's 64 responses per rollout",
+    ("rlhf/agentic_ppo.yaml", "data.init_args.batch_size"): "64 episodes per rollout, one per task (GRPO: 8 x 8)",
     **{("pretrain/tiny.yaml", f"model.init_args.{key}"): "the pretrained base is larger than the per-task models, "
        "decays its rate and exports to the fixed folder that later configs name (CausalLMSFT's defaults are the "
        "RLHF SFT phase's)" for key in ("lm.hidden_size", "lm.num_layers", "lr_decay", "warmup_ratio", "export_dir")},

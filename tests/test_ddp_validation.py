@@ -41,6 +41,11 @@ SYSTEMS = {
         "--data.init_args.num_train_tasks", "20", "--data.init_args.num_eval_tasks", "5",  # 10 turns
         "--data.init_args.batch_size", "8", "--data.init_args.eval_batch_size", "4",  # 3 batches: 4, 4, 2
         "--data.init_args.vocab_size", "320", "--model.init_args.max_new_tokens", "8", *TINY_LM], True),
+    "agentic_grpo": ("rlhf/agentic_grpo.yaml", [
+        "--data.init_args.num_train_tasks", "20", "--data.init_args.num_eval_tasks", "5",  # 5 greedy episodes
+        "--data.init_args.batch_size", "2", "--data.init_args.eval_batch_size", "2",  # 3 batches: 2, 2, 1
+        "--data.init_args.vocab_size", "320", "--model.init_args.group_size", "2",
+        "--model.init_args.minibatch_size", "4", "--model.init_args.max_new_tokens", "8", *TINY_LM], True),
     # 3 episodes in each of 3 splits, 3 a batch: rank 0 plays train and out-of-domain, rank 1 held-out only.
     "early_experience": ("early_experience/web_shop_il.yaml", [
         "--data.init_args.train_goals", "8", "--data.init_args.eval_goals", "3", "--data.init_args.batch_size", "4",

@@ -158,8 +158,10 @@ def test_ppo_reference_is_the_policy_without_adapter_and_value_head_starts_at_ze
     rmask = rollout["response_mask"]
     response = rollout["ids"][:, int(rollout["prompt_length"]):]
     has_eos = ((response == module.tokenizer.eos_token_id) & rmask).any(1)
-    final = (rollout["score"] - module.hparams.missing_eos_penalty * (~has_eos).float()).clamp(-3.0, 3.0)
+    score = module.reward_model(rollout["ids"], rollout["mask"])
+    final = (score - module.hparams.missing_eos_penalty * (~has_eos).float()).clamp(-3.0, 3.0)
     assert torch.allclose(rollout["returns"], final[:, None] * rmask, atol=1e-6)
+    assert torch.allclose(rollout["rewards"], final) and torch.allclose(rollout["train/score"], score.mean())
     with torch.no_grad():
         for name, p in module.lm.named_parameters():
             if "lora_B" in name:
