@@ -5,11 +5,15 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 
-from datamodules.text_corpus import PreferenceDataModule, TextCorpusDataModule
+from datamodules.agentic_demos import AgenticDemoDataModule
+from datamodules.early_experience import EarlyExperienceDataModule
+from datamodules.text_corpus import PreferenceDataModule, PreferencePromptDataModule, TextCorpusDataModule
+from lightning_modules.dpo import DPO
+from lightning_modules.early_experience import EarlyExperienceAgent
 from lightning_modules.guarded import NonFiniteGuard
 from lightning_modules.lm_phase import load_phase_checkpoint
 from lightning_modules.reward_model import PairwiseRewardModel
-from lightning_modules.sft import CausalLMSFT
+from lightning_modules.sft import AgenticSFT, CausalLMSFT
 from models.lm_factory import LMSettings
 from tests.helpers import InjectNaN
 
@@ -104,3 +108,39 @@ def test_resuming_with_a_checkpoint_of_another_phase_is_refused(data, tmp_path):
     reward.build(pairs.tokenizer)
     with pytest.raises(ValueError, match="written by lightning_modules.sft.CausalLMSFT, not by .*PairwiseRewardModel"):
         _trainer(tmp_path / "rm", max_steps=2).fit(reward, datamodule=pairs, ckpt_path=sft_checkpoint)
+
+
+# --- every LM LightningModule -----------------------------------------------------------------------------------
+def _reward_model(folder):
+    data = PreferenceDataModule(**DATA, tokenizer_cache=folder)
+    return PairwiseRewardModel(lm=TINY), data
+
+
+def _dpo(folder):
+    data = PreferencePromptDataModule(**DATA, tokenizer_cache=folder)
+    return DPO(lm=TINY, max_new_tokens=4), data
+
+
+def _agentic_sft(folder):
+    data = AgenticDemoDataModule(num_train_tasks=40, num_eval_tasks=4, vocab_size=320, batch_size=8,
+                                 tokenizer_cache=folder)
+    return AgenticSFT(lm=TINY, max_new_tokens=4), data
+
+
+def _early_experience(folder):
+    data = EarlyExperienceDataModule(env="tiny_shop", train_goals=12, eval_goals=2, batch_size=4, vocab_size=320,
+                                     tokenizer_cache=folder)
+    return EarlyExperienceAgent(lm=TINY, evaluate_before_training=False), data
+
+
+@pytest.mark.parametrize("make", [_reward_model, _dpo, _agentic_sft, _early_experience],
+                         ids=["reward_model", "dpo", "agentic_sft", "early_experience"])
+def test_every_lm_module_rolls_back_a_nan_weight_and_goes_on(make, tmp_path):
+    torch.manual_seed(0)
+    module, data = make(str(tmp_path / "tok"))
+    module.build(data.tokenizer)
+    trainer = _trainer(tmp_path, InjectNaN({3}), enable_checkpointing=False, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=data)
+    guard = next(c for c in trainer.callbacks if isinstance(c, NonFiniteGuard))
+    assert trainer.global_step == 6 and guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
