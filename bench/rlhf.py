@@ -21,8 +21,9 @@ recorded by ``cli_runs.PPORollouts``), and the rollbacks (rejected rollouts and 
 Writes ``<out>/rlhf.json`` (``<out>/rlhf_<seed>.json`` per seed with ``--seeds`` of one; ``rlhf_smoke*`` with
 ``--smoke``); the last line printed is ``rlhf: rm_acc=<x> win_rate=<y> kl=<z> tool_call_acc=<w>
 rollout_tokens_per_s=<t> gold_win_rate=<g> grpo_gold=<g> dpo_gold=<g> agentic_success=<s> agentic_sft_success=<s>``
-(means over seeds; win_rate, kl and gold_win_rate are PPO's; ``nan`` for what did not run: agentic RL has no module
-yet, see ``agentic_rl``). ``--accelerator gpu`` runs every phase on one GPU; ``--ppo-args "<overrides>"`` (and
+(means over seeds; win_rate, kl and gold_win_rate are PPO's; ``nan`` for what did not run; agentic_* are the
+held-out task success of agentic GRPO and of the agentic SFT model it starts from, see ``agentic_rl``).
+``--accelerator gpu`` runs every phase on one GPU; ``--ppo-args "<overrides>"`` (and
 ``--grpo-args``, ``--dpo-args``) pass extra settings to a method (the sweep in ``docs/rlhf.md``); ``--plot <png>``
 draws the PPO curves; ``--merge <json> ...`` combines the runs of earlier result files (to merge seeds run apart, or
 to redraw) without training; ``--wandb`` also logs every run to W&B, with the phase or method as job type.
@@ -41,7 +42,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,10 +54,9 @@ from cli_runs import add_wandb_option, csv_column, in_processes, provenance, run
 from models.lm_rollout import AdaptiveKLController  # noqa: E402
 
 CONFIGS = {name: str(REPO / f"configs/rlhf/{name}.yaml")
-           for name in ("sft", "reward", "ppo", "grpo", "dpo", "agentic_sft")}
+           for name in ("sft", "reward", "ppo", "grpo", "dpo", "agentic_sft", "agentic_grpo")}
 METHODS = ("ppo", "grpo", "dpo")
 """The policy methods, each started from the seed's SFT checkpoint and judged by its reward model."""
-AGENTIC_RL_CONFIG = REPO / "configs/rlhf/agentic_grpo.yaml"
 NAN = float("nan")
 
 
@@ -106,11 +105,12 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                          *shlex.split(getattr(args, f"{method}_args"))]
             out |= run_ppo(seed, f"{root}/ppo", overrides) if method == "ppo" else run_policy(
                 method, seed, f"{root}/{method}", overrides)[1]
+        epochs = ["--trainer.max_epochs", str(args.agentic_epochs)] if args.agentic_epochs else []
         agentic, out["agentic"], out["agentic_seconds"] = run_phase(
-            CONFIGS["agentic_sft"], seed, f"{root}/agentic", "--trainer.max_epochs", str(args.agentic_epochs),
-            *phase_args("agentic_sft"),
-        )
-        out["agentic_rl"] = agentic_rl(seed, f"{root}/agentic_rl", agentic.trainer.checkpoint_callback.last_model_path)
+            CONFIGS["agentic_sft"], seed, f"{root}/agentic", *epochs, *phase_args("agentic_sft"))
+        if not args.no_agentic_rl:
+            out["agentic_rl"] = agentic_rl(seed, f"{root}/agentic_rl", agentic.trainer.checkpoint_callback
+                                           .last_model_path, [*phase_args("agentic_sft"), *agentic_rl_length(args)])
     return out
 
 
@@ -154,15 +154,25 @@ def run_ppo(seed: int, folder: str, overrides: list[str]) -> dict:
     return out
 
 
-def agentic_rl(seed: int, folder: str, agentic_sft_ckpt: str) -> dict[str, float]:
-    """The hook for agentic RL: agentic SFT -> agentic GRPO (``configs/rlhf/agentic_grpo.yaml``), whose held-out
-    ``test/success`` is ``agentic_success``, and the agentic SFT model's own ``test/success`` on the same tasks
-    (``agentic_sft_success``). No multi-turn agentic RL module exists yet, so both are ``nan``; wiring it is a
-    ``run_policy("agentic_grpo", ...)`` from ``agentic_sft_ckpt`` (its data settings must match the SFT run's)."""
-    if AGENTIC_RL_CONFIG.exists():
-        warnings.warn(f"{AGENTIC_RL_CONFIG.name} exists but bench/rlhf.py's agentic_rl does not run it yet: nan",
-                      stacklevel=2)
-    return {"success": NAN, "sft_success": NAN}
+def agentic_rl(seed: int, folder: str, agentic_sft_ckpt: str, overrides: list[str]) -> dict[str, float]:
+    """Agentic SFT -> agentic GRPO (``configs/rlhf/agentic_grpo.yaml``) on the environment's reward: the held-out
+    ``test/success`` of the policy GRPO keeps (``success``) and of the agentic SFT model it starts from, played by
+    the same module on the same tasks (``sft_success``: a fit of 0 steps)."""
+    start = ["--model.init_args.init_from", agentic_sft_ckpt, *overrides]
+    _, sft_test, _ = run_phase(CONFIGS["agentic_grpo"], seed, f"{folder}/start", *start, "--trainer.max_steps", "0",
+                               job_type="agentic_sft_start")
+    _, out = run_policy("agentic_grpo", seed, folder, start)
+    return {"success": out["agentic_grpo"].get("test/success", NAN), "sft_success": sft_test.get("test/success", NAN),
+            "invalid_call_rate": out["agentic_grpo"].get("test/invalid_call_rate", NAN),
+            "selected_step": out.get("agentic_grpo_selected_step")}
+
+
+def agentic_rl_length(args: argparse.Namespace) -> list[str]:
+    """Agentic GRPO's training length (``--agentic-rl-steps``; the config's when unset, 8 steps with ``--smoke``)."""
+    steps = args.agentic_rl_steps or (8 if args.smoke else None)
+    smoke = ["--trainer.val_check_interval", "4", "--trainer.limit_val_batches", "2",
+             "--trainer.limit_test_batches", "2"] if args.smoke else []
+    return [*(["--trainer.max_steps", str(steps)] if steps else []), *smoke]
 
 
 KL_BAND = 1 + AdaptiveKLController.max_error  # the controller saturates above KL_BAND x kl_target (and below 2 - it)
@@ -371,7 +381,10 @@ def main_bench() -> None:
     parser.add_argument("--ppo-steps", type=int, default=None, help="PPO optimiser steps (default: the config's)")
     parser.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimiser steps (default: the config's)")
     parser.add_argument("--dpo-epochs", type=int, default=None, help="DPO epochs (default: the config's)")
-    parser.add_argument("--agentic-epochs", type=int, default=1)
+    parser.add_argument("--agentic-epochs", type=int, default=None,
+                        help="agentic SFT epochs (default: its config's, the start agentic GRPO needs)")
+    parser.add_argument("--agentic-rl-steps", type=int, default=None, help="agentic GRPO steps (default: its config's)")
+    parser.add_argument("--no-agentic-rl", action="store_true", help="agentic SFT only (agentic_* fields nan)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: all cores / jobs)")
     parser.add_argument("--accelerator", default="cpu", help="every phase's trainer accelerator (cpu, gpu)")
