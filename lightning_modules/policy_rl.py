@@ -100,6 +100,9 @@ class PolicyRL(LMPhase):
     ``val/gold_win_rate`` (paired as the win rate, ties count half).
     """
 
+    reward_from_model = True
+    """Whether the reward is a reward model's score (``False``: an environment's reward; none is built)."""
+
     def __init__(
         self,
         reward_model_from: str | None = None,
@@ -127,7 +130,8 @@ class PolicyRL(LMPhase):
         self.lm = self._build_lm(self._init_state())
         if self.lm_settings.lora is None:  # full fine-tuning: the reference is a frozen copy of the starting weights
             self.reference = copy.deepcopy(self.lm).requires_grad_(False).eval()
-        self.reward_model = self._load_reward_model().requires_grad_(False).eval()
+        if self.reward_from_model:
+            self.reward_model = self._load_reward_model().requires_grad_(False).eval()
 
     def _load_reward_model(self) -> RewardModel:
         path = self.hparams.reward_model_from
