@@ -75,10 +75,9 @@ class GRPO(PolicyRL):
 
     Logged metrics: ``train/reward`` (the reward advantages are taken from, before any KL; mean per episode),
     ``train/score`` (raw reward-model score), ``train/kl`` (episode KL to the reference, k3 summed over the
-    trainable tokens),
-    ``train/adv_zero_frac`` (share of groups whose rewards are all equal: no signal), ``train/response_length``
-    (trainable tokens per sequence), per update ``train/policy_loss``, ``train/kl_token`` (mean k3 per token) and
-    ``train/clip_frac``; validation and test as ``PolicyRL``.
+    trainable tokens), ``train/adv_zero_frac`` (share of groups whose rewards are all equal: no signal),
+    ``train/response_length`` (trainable tokens per sequence), per update ``train/policy_loss``, ``train/kl_token``
+    (mean k3 per token) and ``train/clip_frac``; validation and test as ``PolicyRL``.
     """
 
     def __init__(
