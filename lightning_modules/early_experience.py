@@ -128,8 +128,9 @@ class EpisodeAgent:
     def _experience(self) -> ExperienceSource:
         datamodule = self.trainer.datamodule
         if not isinstance(datamodule, ExperienceSource):
-            raise TypeError(f"{type(self).__name__} needs a DataModule with tokenizer, val_dataloader, "
-                            f"needs_policy, collect_with_policy, reflection_requests and set_policy_rationales (got {type(datamodule).__name__})")
+            raise TypeError(f"{type(self).__name__} needs a DataModule with tokenizer, val_dataloader, needs_policy, "
+                            "collect_with_policy, reflection_requests and set_policy_rationales (got "
+                            f"{type(datamodule).__name__})")
         return datamodule
 
     def on_train_start(self) -> None:

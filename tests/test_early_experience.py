@@ -18,7 +18,6 @@ from datamodules.early_experience import (
     iwm_examples,
     observation_delta,
     policy_branches,
-    policy_prompt,
     rationale_concludes_for,
     reflection_request,
     sr_examples,

@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from datamodules.early_experience import EarlyExperienceDataModule, EpisodeGoalsDataModule, policy_prompt
 from experiment.cli import main
 from lightning_modules.early_experience import EarlyExperienceAgent
-from lightning_modules.grpo import GroupRollout
 from lightning_modules.rl import group_advantages
 from lightning_modules.web_shop_grpo import WebShopGRPO
 from models.action_scorer import naive_scores
@@ -200,4 +199,5 @@ def test_config_parses_and_the_class_defaults_equal_it(capsys):
     il_config = yaml.safe_load((REPO / "configs/early_experience/web_shop_il.yaml").read_text())
     il = il_config["data"]["init_args"]
     assert all(configured["data"]["init_args"][k] == il[k] for k in ("env", "branches", "train_goals", "vocab_size"))
-    assert configured["model"]["init_args"]["lm"] == il_config["model"]["init_args"]["lm"] | {"lora": None}  # the checkpoints' model
+    # The early-experience checkpoints' model, every weight trained.
+    assert configured["model"]["init_args"]["lm"] == il_config["model"]["init_args"]["lm"] | {"lora": None}
