@@ -204,6 +204,10 @@ class EarlyExperienceDataModule(LightningDataModule):
     Recipes: ``il`` (expert actions only), ``iwm_then_il`` (the first ``iwm_steps`` updates predict next
     observations, the rest imitate: the same total budget as ``il``), ``sr`` (self-reflection examples mixed with
     expert actions, ``sr_fraction`` of each batch).
+
+    By default the K alternatives are drawn at random at the expert's states; ``alternatives: policy_top_k`` and
+    ``branch_states: policy`` branch with the policy instead (its K best non-expert actions; the states its own
+    rollout visits), collected by the agent before its first update (``needs_policy``, ``collect_with_policy``).
     """
 
     def __init__(
