@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
@@ -43,6 +44,10 @@ class Branch:
     expert_action: str
     expert_next: str
     alternatives: list[tuple[str, str]]  # (action, next observation)
+
+
+Scorer = Callable[[list[str], list[list[str]]], list[torch.Tensor]]
+"""A policy's scores: ``scorer(prompts, candidates)`` gives one ``[K_i]`` tensor of scores per prompt."""
 
 
 def policy_prompt(observation: str) -> str:
@@ -81,6 +86,39 @@ def collect_branches(env: TextEnv, k: int, rng: random.Random, detour_prob: floa
         if result.done:
             break
     return branches
+
+
+def policy_branches(envs: list[TextEnv], k: int, scorer: Scorer, rng: random.Random,
+                    alternatives: Literal["random", "policy_top_k"] = "policy_top_k",
+                    states: Literal["expert", "policy"] = "expert") -> list[Branch]:
+    """:func:`collect_branches` with a policy, for many environments played together (one ``scorer`` call per
+    step for all of them): the ``k`` alternatives of a state are drawn at random or are the policy's ``k``
+    best-scoring non-expert candidates (``policy_top_k``), and the states are those the expert visits or those the
+    policy itself visits (``policy``: its greedy action moves on; every branch still records the expert action of
+    its state and where it leads). Branches come environment by environment, in step order."""
+    for env in envs:
+        env.reset()
+    found: list[list[Branch]] = [[] for _ in envs]
+    active = list(range(len(envs)))
+    for _ in range(max((env.max_steps for env in envs), default=0)):
+        if not active:
+            break
+        candidates = [envs[i].candidate_actions() for i in active]
+        scores = scorer([policy_prompt(envs[i].observation()) for i in active], candidates)
+        still = []
+        for i, cands, score in zip(active, candidates, scores):
+            env, expert = envs[i], envs[i].expert_action()
+            ranked = [cands[j] for j in torch.argsort(score.float().cpu(), descending=True, stable=True).tolist()]
+            others = [a for a in ranked if a != expert]
+            chosen = others[:k] if alternatives == "policy_top_k" else rng.sample(others, min(k, len(others)))
+            expert_next = env.copy().step(expert).observation
+            found[i].append(Branch(env.observation(), expert, expert_next,
+                                   [(a, env.copy().step(a).observation) for a in chosen]))
+            result = env.step(ranked[0] if states == "policy" else expert)
+            if not result.done and len(found[i]) < env.max_steps:
+                still.append(i)
+        active = still
+    return [b for branches in found for b in branches]
 
 
 def observation_delta(before: str, after: str) -> str:
@@ -166,6 +204,10 @@ class EarlyExperienceDataModule(LightningDataModule):
     Recipes: ``il`` (expert actions only), ``iwm_then_il`` (the first ``iwm_steps`` updates predict next
     observations, the rest imitate: the same total budget as ``il``), ``sr`` (self-reflection examples mixed with
     expert actions, ``sr_fraction`` of each batch).
+
+    By default the K alternatives are drawn at random at the expert's states; ``alternatives: policy_top_k`` and
+    ``branch_states: policy`` branch with the policy instead (its K best non-expert actions; the states its own
+    rollout visits), collected by the agent before its first update (``needs_policy``, ``collect_with_policy``).
     """
 
     def __init__(
@@ -173,6 +215,8 @@ class EarlyExperienceDataModule(LightningDataModule):
         env: Literal["tiny_shop", "web_shop"] = "web_shop",
         recipe: Literal["il", "iwm_then_il", "sr"] = "il",
         branches: int = 3,
+        alternatives: Literal["random", "policy_top_k"] = "random",
+        branch_states: Literal["expert", "policy"] = "expert",
         detour_prob: float = 0.0,
         train_goals: int = 1000,
         eval_goals: int = 50,
@@ -194,7 +238,13 @@ class EarlyExperienceDataModule(LightningDataModule):
         Args:
             env: ``tiny_shop`` (the seed's shop, corrected) or ``web_shop`` (procedural WebShop-like shop).
             recipe: ``il``, ``iwm_then_il`` or ``sr``.
-            branches: K, alternative actions executed from every expert state.
+            branches: K, alternative actions executed from every branching state.
+            alternatives: How the K alternatives are chosen: ``random`` among the other candidates, or
+                ``policy_top_k``, the K non-expert candidates the policy scores highest (see :func:`policy_branches`).
+            branch_states: Where branching happens: the ``expert``'s states, or the states the ``policy`` visits in
+                its own greedy rollout of each training goal (the label stays the expert's action there). With a
+                policy option the branches are collected by the policy being trained, once, before its first update
+                (start it from a trained policy with ``init_from``), and travel with checkpoints.
             detour_prob: Chance per state that the demonstrator takes one of the K alternatives and the expert
                 recovers from there (see :func:`collect_branches`); 0 gives pure expert trajectories.
             train_goals: Goals whose expert rollouts make the training data.
@@ -227,6 +277,11 @@ class EarlyExperienceDataModule(LightningDataModule):
             raise ValueError("branches, goals and batch sizes must be >= 1, iwm_steps >= 0")
         if not 0.0 <= detour_prob < 1.0:
             raise ValueError(f"detour_prob must be in [0, 1), got {detour_prob}")
+        if alternatives not in ("random", "policy_top_k") or branch_states not in ("expert", "policy"):
+            raise ValueError(f"alternatives must be random or policy_top_k, branch_states expert or policy (got "
+                             f"{alternatives!r}, {branch_states!r})")
+        if detour_prob and (alternatives, branch_states) != ("random", "expert"):
+            raise ValueError("detour_prob applies to random alternatives at expert states only")
         if not 0.0 <= sr_fraction <= 1.0:
             raise ValueError(f"sr_fraction must be in [0, 1], got {sr_fraction}")
         if rationale_source not in ("template", "policy"):
@@ -242,11 +297,8 @@ class EarlyExperienceDataModule(LightningDataModule):
         hp = self.hparams
         self.eval_envs = make_envs(hp.env, hp.train_goals, hp.eval_goals, hp.seed)
         rng = random.Random(hp.seed)
-        self.branches = [
-            b
-            for env in self.eval_envs.pop("_train_pool")
-            for b in collect_branches(env, hp.branches, rng, hp.detour_prob)
-        ]
+        self.train_envs = self.eval_envs.pop("_train_pool")
+        self.branches = [b for env in self.train_envs for b in collect_branches(env, hp.branches, rng, hp.detour_prob)]
         texts = [b.observation for b in self.branches] + [b.expert_next for b in self.branches]
         texts += [a for b in self.branches for a, _ in b.alternatives] + [b.expert_action for b in self.branches]
         self.tokenizer = (
@@ -254,12 +306,34 @@ class EarlyExperienceDataModule(LightningDataModule):
             if hp.tokenizer is None
             else load_tokenizer(hp.tokenizer)
         )
+        self._encode_pools()
+        self.policy_rationales: list[str] | None = None
+        self.policy_collected = False
+
+    def _encode_pools(self) -> None:
         self.pools = {
             "il": self.encode(il_examples(self.branches)),
             "iwm": self.encode(iwm_examples(self.branches)),
-            "sr": self.encode(sr_examples(self.branches)) if hp.rationale_source == "template" else [],
+            "sr": self.encode(sr_examples(self.branches)) if self.hparams.rationale_source == "template" else [],
         }
-        self.policy_rationales: list[str] | None = None
+
+    def needs_policy(self) -> bool:
+        """Whether the branches are still to be collected with the policy (``alternatives`` or ``branch_states``)."""
+        hp = self.hparams
+        return (hp.alternatives, hp.branch_states) != ("random", "expert") and not self.policy_collected
+
+    def collect_with_policy(self, scorer: Scorer) -> int:
+        """Branch the training goals again with the policy's ``scorer`` (:func:`policy_branches`); returns how many
+        states were branched. The tokenizer stays the one built from the expert's rollouts."""
+        hp = self.hparams
+        rng = random.Random(f"{hp.seed}-policy-branches")
+        self._set_branches(policy_branches(self.train_envs, hp.branches, scorer, rng, hp.alternatives,
+                                           hp.branch_states))
+        return len(self.branches)
+
+    def _set_branches(self, branches: list[Branch]) -> None:
+        self.branches, self.policy_collected = branches, True
+        self._encode_pools()
 
     def reflection_requests(self) -> list[str]:
         """What the policy must write rationales for before training: one request per expert state, until it has
@@ -285,10 +359,15 @@ class EarlyExperienceDataModule(LightningDataModule):
         return len(examples)
 
     def state_dict(self) -> dict:
-        # Rationales written by the initial policy travel with checkpoints, so a resumed run trains on the same ones.
-        return {"policy_rationales": self.policy_rationales}
+        # Branches and rationales made by the initial policy travel with checkpoints, so a resumed run trains on the
+        # same ones.
+        branches = [asdict(b) for b in self.branches] if self.policy_collected else None
+        return {"policy_rationales": self.policy_rationales, "policy_branches": branches}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("policy_branches") is not None:
+            self._set_branches([Branch(b["observation"], b["expert_action"], b["expert_next"],
+                                       [tuple(a) for a in b["alternatives"]]) for b in state["policy_branches"]])
         if state.get("policy_rationales") is not None:
             self.set_policy_rationales(state["policy_rationales"])
 
@@ -331,6 +410,44 @@ class EarlyExperienceDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._episodes()
+
+
+class GoalStream(IterableDataset):
+    """Batches of training goals (their environments), indexed by optimisation step like :class:`ExperienceStream`."""
+
+    def __init__(self, envs: list[TextEnv], batch_size: int, seed: int, rank: int, start_step: int) -> None:
+        if batch_size > len(envs):
+            raise ValueError(f"{batch_size} goals per batch but only {len(envs)} training goals")
+        self.envs, self.batch_size, self.seed, self.rank, self.start_step = envs, batch_size, seed, rank, start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            yield random.Random(f"{self.seed}-goals-{self.rank}-{step}").sample(self.envs, self.batch_size)
+            step += 1
+
+
+class EpisodeGoalsDataModule(EarlyExperienceDataModule):
+    """The early-experience DataModule for an agent that plays its own training episodes (``WebShopGRPO``): a
+    training batch is ``goals_per_batch`` distinct goals of the training pool (the ``train`` split only). The
+    tokenizer, the goals and the evaluation episodes are those of the early-experience runs with the same settings,
+    so keep ``env``, ``seed``, ``train_goals``, ``branches`` and the tokenizer settings equal to the checkpoint's.
+    """
+
+    def __init__(self, goals_per_batch: int = 8, **kwargs) -> None:
+        """
+        Args:
+            goals_per_batch: Training goals per rollout, summed over all devices (each played ``group_size`` times).
+            kwargs: The early-experience data settings (:class:`EarlyExperienceDataModule`).
+        """
+        if goals_per_batch < 1:
+            raise ValueError(f"goals_per_batch must be >= 1, got {goals_per_batch}")
+        super().__init__(**kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        per_device, rank, _ = per_device_batch(self, self.hparams.goals_per_batch)
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return DataLoader(GoalStream(self.train_envs, per_device, self.hparams.seed, rank, start), batch_size=None)
 
 
 def make_envs(env: str, train_goals: int, eval_goals: int, seed: int) -> dict[str, list[TextEnv]]:

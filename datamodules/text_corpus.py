@@ -366,8 +366,8 @@ class TextCorpusDataModule(CorpusDataModule):
         """
         Args:
             completion_only: Take the loss on the completion only (the prompt sentences are context).
-            max_seq_length: Longest example in tokens: a longer prompt loses its start, the completion is kept (``null``:
-                no cap beyond ``max_length``).
+            max_seq_length: Longest example in tokens: a longer prompt loses its start, the completion is kept
+                (``null``: no cap beyond ``max_length``).
             packing: Training batches put several examples in one row, each attending only to itself (rows of
                 ``max_seq_length`` tokens, or of the batch's longest example); validation and test are not packed.
         """

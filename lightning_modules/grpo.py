@@ -8,8 +8,11 @@ value head is trained.
 The rollout is one seam, ``GRPO.rollout_groups(batch, generator) -> GroupRollout``: sequences, their attention
 masks, which tokens the policy is trained on, group ids and one reward per sequence. This module implements the
 single-turn case (a prompt and a sampled response); a multi-turn environment (a tool-use or web-shop agent)
-overrides ``rollout_groups`` to play its episodes, marks the environment's tokens as not trainable, and reuses
-everything else: log-probs, the KL to the reference, group advantages, minibatches, resume and DDP.
+overrides ``rollout_groups`` to play its episodes (each step a sequence, with its episode's id and reward), marks
+the environment's tokens as not trainable, and reuses everything else: the KL to the reference, group advantages
+over episodes, minibatches, resume and DDP. A policy that samples otherwise than token by token (the web-shop agent
+picks one of the page's candidate actions) also overrides ``sequence_logprobs``
+(``lightning_modules.web_shop_grpo``).
 """
 
 from __future__ import annotations
@@ -42,12 +45,18 @@ class GroupRollout:
     start: int
     """First column of ``ids`` that may be trainable."""
     trainable: Tensor
-    """``[N, T - start]`` bool: tokens the policy sampled and is trained on (not padding, not tool/environment
-    output)."""
+    """``[N, U]`` bool: the units the policy sampled and is trained on, aligned with ``GRPO.sequence_logprobs``: by
+    default the tokens ``ids[:, start:]`` (not padding, not tool/environment output); one unit per sequence where
+    the policy picks a whole action among candidates (``WebShopGRPO``)."""
     groups: Tensor
     """``[N]`` group id: sequences with the same id start from the same prompt (or state) and are compared."""
     rewards: Tensor
-    """``[N]`` one scalar reward per sequence."""
+    """``[N]`` one scalar reward per sequence (the same for every sequence of one episode)."""
+    episodes: Tensor | None = None
+    """``[N]`` episode id, when several sequences are the steps of one episode: advantages then compare the
+    episodes of a group, one reward each (``null``: every sequence is its own episode)."""
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    """Further ``[N, ...]`` tensors that ``GRPO.sequence_logprobs`` reads (kept with the iteration)."""
     logs: dict[str, Tensor] = field(default_factory=dict)
     """Extra rollout statistics to log, by metric name."""
 
@@ -64,11 +73,11 @@ class GRPO(PolicyRL):
     ``kl_coef`` times the k3 KL to the reference (the policy with its adapter disabled), averaged over tokens; or,
     with ``kl_in_reward``, the sequence's k3 KL times ``kl_coef`` is taken off its reward before the advantages.
 
-    Logged metrics: ``train/reward`` (the reward advantages are taken from, before any KL), ``train/score`` (raw
-    reward-model score), ``train/kl`` (sequence KL to the reference, k3 summed over the trainable tokens),
-    ``train/adv_zero_frac`` (share of groups whose rewards are all equal: no signal), ``train/response_length``
-    (trainable tokens per sequence), per update ``train/policy_loss``, ``train/kl_token`` (mean k3 per token) and
-    ``train/clip_frac``; validation and test as ``PolicyRL``.
+    Logged metrics: ``train/reward`` (the reward advantages are taken from, before any KL; mean per episode),
+    ``train/score`` (raw reward-model score), ``train/kl`` (episode KL to the reference, k3 summed over the
+    trainable tokens), ``train/adv_zero_frac`` (share of groups whose rewards are all equal: no signal),
+    ``train/response_length`` (trainable tokens per sequence), per update ``train/policy_loss``, ``train/kl_token``
+    (mean k3 per token) and ``train/clip_frac``; validation and test as ``PolicyRL``.
     """
 
     def __init__(
@@ -143,6 +152,14 @@ class GRPO(PolicyRL):
                             trainable=response_mask.bool(), groups=groups, rewards=rewards,
                             logs={"train/score": score.mean()})
 
+    def sequence_logprobs(self, data: dict[str, Tensor], start: int, reference: bool = False) -> Tensor:
+        """Log-probs ``[N, U]`` of the units each sequence of ``data`` (a rollout's ``ids``, ``mask`` and
+        ``inputs``, or a minibatch of them) was sampled by, under the policy or its reference: here the tokens
+        ``ids[:, start:]`` at the sampling temperature. A subclass whose policy samples otherwise overrides it."""
+        if reference:
+            return self._reference_logprobs(data["ids"], data["mask"], start)
+        return response_logprobs(self.lm, data["ids"], data["mask"], start, self.hparams.temperature)[0]
+
     @torch.no_grad()
     def collect(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """One rollout with what the updates need (log-probs of the sampling policy and of the reference,
@@ -150,15 +167,23 @@ class GRPO(PolicyRL):
         hp = self.hparams
         generator = step_generator(self.sampling_seed, self.global_rank, self.global_step, device=self.device)
         rollout = self.rollout_groups(batch, generator)
-        logprobs = response_logprobs(self.lm, rollout.ids, rollout.mask, rollout.start, hp.temperature)[0]
-        ref_logprobs = self._reference_logprobs(rollout.ids, rollout.mask, rollout.start)
+        data = {"ids": rollout.ids, "mask": rollout.mask, **rollout.inputs}
+        logprobs = self.sequence_logprobs(data, rollout.start)
+        ref_logprobs = self.sequence_logprobs(data, rollout.start, reference=True)
         trainable = rollout.trainable.float()
         kl = (kl_k3(logprobs * trainable, ref_logprobs * trainable) * trainable).sum(1)
-        rewards = rollout.rewards - hp.kl_coef * kl if hp.kl_in_reward else rollout.rewards
-        advantages, tied = group_advantages(rewards, rollout.groups, hp.advantage_eps)
-        buffer = {"ids": rollout.ids, "mask": rollout.mask, "trainable": rollout.trainable, "logprobs": logprobs,
-                  "ref_logprobs": ref_logprobs, "advantages": advantages, "start": torch.tensor(rollout.start)}
-        logs = {"train/reward": rollout.rewards.mean(), "train/kl": kl.mean(),
+        episodes = rollout.episodes if rollout.episodes is not None else torch.arange(len(kl), device=kl.device)
+        # One reward and one KL per episode (the sum over its sequences); advantages compare a group's episodes.
+        _, episode_of = torch.unique(episodes, return_inverse=True)
+        zeros = torch.zeros(int(episode_of.max()) + 1, device=kl.device)
+        episode_reward = zeros.scatter(0, episode_of, rollout.rewards.float())
+        episode_kl = zeros.index_add(0, episode_of, kl)
+        episode_group = torch.zeros_like(zeros, dtype=torch.long).scatter(0, episode_of, rollout.groups)
+        rewards = episode_reward - hp.kl_coef * episode_kl if hp.kl_in_reward else episode_reward
+        advantages, tied = group_advantages(rewards, episode_group, hp.advantage_eps)
+        buffer = {**data, "trainable": rollout.trainable, "logprobs": logprobs, "ref_logprobs": ref_logprobs,
+                  "advantages": advantages[episode_of], "start": torch.tensor(rollout.start)}
+        logs = {"train/reward": episode_reward.mean(), "train/kl": episode_kl.mean(),
                 "train/adv_zero_frac": tied.float().mean(), "train/response_length": trainable.sum(1).mean(),
                 **rollout.logs}
         return buffer, logs
@@ -167,7 +192,7 @@ class GRPO(PolicyRL):
     def grpo_losses(self, mb: dict[str, Tensor], start: int) -> dict[str, Tensor]:
         """The GRPO loss of one minibatch (``lightning_modules.rl.grpo_loss``)."""
         hp = self.hparams
-        logprobs = response_logprobs(self.lm, mb["ids"], mb["mask"], start, hp.temperature)[0]
+        logprobs = self.sequence_logprobs(mb, start)
         kl_coef = 0.0 if hp.kl_in_reward else hp.kl_coef
         return grpo_loss(logprobs, mb["logprobs"], mb["ref_logprobs"], mb["advantages"], mb["trainable"],
                          hp.clip_range, kl_coef)

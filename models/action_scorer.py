@@ -41,7 +41,20 @@ def _reduce(token_log_probs: Tensor, mask: Tensor, length_normalize: bool) -> Te
 def score_candidates(
     model: nn.Module, tokenizer, prompts: list[str], candidates: list[list[str]], length_normalize: bool = False
 ) -> list[Tensor]:
-    """Scores of ``candidates[i]`` after ``prompts[i]`` for every i, in a single forward pass.
+    """Scores of ``candidates[i]`` after ``prompts[i]`` for every i, in a single forward pass (see
+    :func:`score_encoded_candidates`, which also gives gradients)."""
+    if len(prompts) != len(candidates):
+        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
+    states = list(zip(encode_prompts(tokenizer, prompts), (encode_candidates(tokenizer, c) for c in candidates)))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return score_encoded_candidates(model, states, pad_id, length_normalize)
+
+
+def score_encoded_candidates(
+    model: nn.Module, states: list[tuple[list[int], list[list[int]]]], pad_id: int, length_normalize: bool = False
+) -> list[Tensor]:
+    """Scores of each state's candidates (``(prompt tokens, [candidate tokens, ...])`` per state) after its prompt,
+    in a single forward pass; differentiable (the policy-gradient loss of ``lightning_modules.web_shop_grpo``).
 
     Each state (a prompt followed by all of its candidates) is packed into a batch row, several short states to a
     row (first-fit by length, so that little of the batch is padding). A 4D attention mask lets every token see
@@ -50,11 +63,7 @@ def score_candidates(
     it stood alone after its prompt, while each prompt is computed once. Returns one ``[K_i]`` tensor of summed (or,
     with ``length_normalize``, mean) candidate-token log-probabilities per prompt.
     """
-    if len(prompts) != len(candidates):
-        raise ValueError(f"{len(prompts)} prompts but {len(candidates)} candidate lists")
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    states = list(zip(encode_prompts(tokenizer, prompts), (encode_candidates(tokenizer, c) for c in candidates)))
     lengths = [len(p) + sum(map(len, cs)) for p, cs in states]
     first_candidate = [0, *itertools.accumulate(len(cs) for _, cs in states)]
     # Per row: tokens, position ids, the row-local state of each token and its segment (0: prompt, k + 1: candidate k).

@@ -44,7 +44,8 @@ def check_sequence_settings(max_seq_length: int | None) -> None:
         raise ValueError(f"max_seq_length must be >= 2 or null, got {max_seq_length}")
 
 
-def truncate_prompt(prompt: Sequence[int], completion: Sequence[int], max_seq_length: int) -> tuple[list[int], list[int]]:
+def truncate_prompt(prompt: Sequence[int], completion: Sequence[int],
+                    max_seq_length: int) -> tuple[list[int], list[int]]:
     """``prompt`` cut from the left so that prompt + completion fit ``max_seq_length`` tokens, keeping the completion
     (only a completion longer than the cap is cut, from the right, after the prompt's last token)."""
     check_sequence_settings(max_seq_length)
@@ -79,7 +80,8 @@ def pack(ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int,
     """Examples placed first-fit, in order, into rows of ``row_length`` tokens (``None``: the longest example's):
     ``input_ids``, ``labels`` and ``position_ids`` (0 at every example's first token; padding counts as one more
     example) without an ``attention_mask``, which is how ``transformers`` reads packed rows (each example attends
-    only to itself; run the model with ``use_cache=False``, see :func:`model_inputs`). An example's first label is ``-100``: it would be predicted from the previous example."""
+    only to itself; run the model with ``use_cache=False``, see :func:`model_inputs`). An example's first label is
+    ``-100``: it would be predicted from the previous example."""
     require_packed_attention()
     row_length = max(row_length or 0, max(map(len, ids)))
     rows: list[tuple[list[int], list[int], list[int]]] = []

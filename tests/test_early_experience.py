@@ -17,6 +17,7 @@ from datamodules.early_experience import (
     il_examples,
     iwm_examples,
     observation_delta,
+    policy_branches,
     rationale_concludes_for,
     reflection_request,
     sr_examples,
@@ -76,6 +77,95 @@ def test_detours_add_expert_labelled_recoveries_and_every_demonstration_still_su
     assert detours > 0 and left_unfit_items > 0
     with pytest.raises(ValueError, match="detour_prob"):
         EarlyExperienceDataModule(env="tiny_shop", detour_prob=1.0)
+
+
+def _stub_scorer(prompts, candidates):
+    """Known scores that do not follow the expert: a fixed function of each candidate's text."""
+    return [torch.tensor([float(sum(map(ord, a)) % 23) for a in cands]) for cands in candidates]
+
+
+def _ranked(candidates):
+    """Candidates from the stub's best score down (ties in page order, as a stable sort keeps them)."""
+    (scores,) = _stub_scorer([""], [candidates])
+    return [candidates[i] for i in sorted(range(len(candidates)), key=lambda i: -scores[i])]
+
+
+def test_top_k_alternatives_come_from_the_policys_scores():
+    catalog = make_catalog()
+    envs = [WebShopEnv(catalog, g) for g in make_goals(catalog, "train", 3)]
+    branches = policy_branches([e.copy() for e in envs], 2, _stub_scorer, random.Random(0), "policy_top_k", "expert")
+    replays = [e.copy() for e in envs]
+    for replay in replays:
+        replay.reset()
+    expert_path = [b for e in [e.copy() for e in envs] for b in collect_branches(e, 2, random.Random(0))]
+    assert [b.observation for b in branches] == [b.observation for b in expert_path]  # the expert's states
+    chose_other_than_random = False
+    for branch in branches:
+        replay = next(r for r in replays if r.observation() == branch.observation)
+        best = [a for a in _ranked(replay.candidate_actions()) if a != branch.expert_action][:2]
+        assert [a for a, _ in branch.alternatives] == best  # exactly the policy's two best non-expert actions
+        assert all(replay.copy().step(a).observation == nxt for a, nxt in branch.alternatives)
+        random_pick = [a for a, _ in next(b for b in expert_path if b.observation == branch.observation).alternatives]
+        chose_other_than_random |= random_pick != best
+        replay.step(branch.expert_action)
+    assert chose_other_than_random
+
+
+def test_policy_visited_states_are_the_states_of_the_policys_own_rollout():
+    catalog = make_catalog()
+    goal = make_goals(catalog, "train", 1)[0]
+    branches = policy_branches([WebShopEnv(catalog, goal)], 2, _stub_scorer, random.Random(0), "random", "policy")
+    # The stub policy's own greedy rollout, played by hand.
+    env, visited, experts = WebShopEnv(catalog, goal), [], []
+    observation = env.reset()
+    for _ in range(env.max_steps):
+        visited.append(observation)
+        experts.append(env.expert_action())
+        result = env.step(_ranked(env.candidate_actions())[0])
+        observation = result.observation
+        if result.done:
+            break
+    assert [b.observation for b in branches] == visited
+    assert [b.expert_action for b in branches] == experts  # the labels stay the expert's, in those states
+    expert_states = {b.observation for b in collect_branches(WebShopEnv(catalog, goal), 2, random.Random(0))}
+    assert any(o not in expert_states for o in visited)  # the policy went where the expert never goes
+    for branch in branches:
+        assert branch.expert_action not in [a for a, _ in branch.alternatives] and len(branch.alternatives) <= 2
+
+
+def test_branching_with_the_policy_is_a_data_option_kept_in_checkpoints(tmp_path):
+    settings = dict(train_goals=3, eval_goals=2, vocab_size=320, tokenizer_cache=str(tmp_path))
+    default = EarlyExperienceDataModule(**settings)
+    assert not default.needs_policy() and default.state_dict()["policy_branches"] is None
+    data = EarlyExperienceDataModule(**settings, alternatives="policy_top_k", branch_states="policy")
+    assert data.needs_policy() and data.branches == default.branches  # expert branches until the policy is there
+    assert data.collect_with_policy(_stub_scorer) == len(data.branches) and not data.needs_policy()
+    expected = policy_branches([e.copy() for e in data.train_envs], 3, _stub_scorer, random.Random(0),
+                               "policy_top_k", "policy")
+    assert data.branches == expected and data.branches != default.branches
+    assert data.pools["il"] == data.encode(il_examples(expected))  # the training examples follow the new branches
+    restored = EarlyExperienceDataModule(**data.hparams)
+    restored.load_state_dict(data.state_dict())
+    assert restored.branches == data.branches and restored.pools == data.pools and not restored.needs_policy()
+    with pytest.raises(ValueError, match="detour_prob applies to random alternatives at expert states only"):
+        EarlyExperienceDataModule(**settings, alternatives="policy_top_k", detour_prob=0.1)
+
+
+def test_the_agent_branches_with_its_own_scores_before_its_first_update(tmp_path):
+    from lightning.pytorch import Trainer
+
+    data = EarlyExperienceDataModule(train_goals=3, eval_goals=2, vocab_size=320, tokenizer_cache=str(tmp_path),
+                                     batch_size=4, alternatives="policy_top_k", branch_states="policy")
+    torch.manual_seed(0)
+    agent = EarlyExperienceAgent(lm=SMALL_LM, evaluate_before_training=False)
+    agent.build(data.tokenizer)
+    agent.lm.eval()
+    expected = policy_branches([e.copy() for e in data.train_envs], 3, agent.candidate_scores, random.Random(0),
+                               "policy_top_k", "policy")
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      limit_val_batches=0, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(agent, datamodule=data)
+    assert data.branches == expected and not data.needs_policy()
 
 
 def test_iwm_includes_the_expert_transition_and_uses_its_own_format(web_branches):

@@ -46,7 +46,8 @@ def test_the_overlay_stacks_on_every_lm_config(in_tmp, capsys, config):
     trainer = resolved["trainer"]
     assert (trainer["accelerator"], trainer["devices"], trainer["precision"]) == ("gpu", -1, "bf16-mixed")
     assert trainer["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
-    assert trainer["strategy"]["init_args"]["activation_checkpointing_policy"] == "models.lm_factory.decoder_layer_policy"
+    policy = trainer["strategy"]["init_args"]["activation_checkpointing_policy"]
+    assert policy == "models.lm_factory.decoder_layer_policy"
     if "model" in base:  # the experiment's own model survives the overlay
         assert resolved["model"]["class_path"] == base["model"]["class_path"]
 
