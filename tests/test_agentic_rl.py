@@ -16,10 +16,9 @@ from lightning_modules.rl import gae, grpo_loss
 from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import response_logprobs
 from models.lm_text import pad
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY
 from tests.test_resume import _check_resume
 
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
 TASK = Task("What is 12 plus 30?", "add", {"a": 12, "b": 30}, "42")
 CALL, RIGHT, WRONG = TASK.call, "<finish>42</finish>", "<finish>41</finish>"
 

@@ -53,7 +53,9 @@ SYSTEMS = {
         "--model.init_args.evaluate_before_training", "false", *TINY_LM], True),
     "leworld": ("leworld/phase2.yaml", TINY_LEWORLD, False),
 }
-SLOW = {"ppo", "dpo", "grpo"}  # two fits (reward model, policy) and sampled generations: about a minute each
+# Two fits (reward model, policy) and sampled generations: about a minute each; and, to keep the default run short,
+# the cases whose evaluation code the default ones share (the metric objects of SFT, the episodes of agentic GRPO).
+SLOW = {"ppo", "dpo", "grpo", "reward_model", "agentic_sft", "early_experience"}
 NEEDS_REWARD_MODEL = {"ppo", "dpo", "grpo"}
 
 

@@ -13,11 +13,9 @@ from experiment.cli import main
 from lightning_modules.dpo import DPO, dpo_loss
 from models.lm_factory import LMSettings, LoraSettings
 from models.lm_text import IGNORE_INDEX
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY
+from tests.conftest import TINY_STORIES as DATA
 from tests.test_configs import class_defaults, differences
-
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
-DATA = dict(num_stories=120, vocab_size=320)
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,9 @@ from lightning_modules.grpo import GRPO
 from lightning_modules.rl import group_advantages, grpo_loss, kl_k3, shaped_scores
 from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import response_logprobs
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY, TINY_CLI
+from tests.conftest import TINY_STORIES as DATA
 from tests.test_resume import _check_resume
-
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
-TINY_CLI = ["--model.init_args.lm.hidden_size", "32", "--model.init_args.lm.num_layers", "1",
-            "--model.init_args.lm.num_heads", "2"]
-DATA = dict(num_stories=120, vocab_size=320)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from datamodules.text_corpus import PromptDataModule, TextCorpusDataModule
 from lightning_modules.ppo import PPORLHF
 from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import LMSettings, LoraSettings
+from tests.conftest import TINY
 
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
 DATA = dict(num_stories=60, vocab_size=320)
 
 

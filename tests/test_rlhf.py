@@ -18,17 +18,8 @@ from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import LMSettings, LoraSettings, build_causal_lm
 from models.lm_rollout import AdaptiveKLController, distinct_n, last_token_index, response_logprobs
 from models.lm_text import position_ids, sample
-from tests.conftest import REPO
-
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2)
-TINY_CLI = ["--model.init_args.lm.hidden_size", "32", "--model.init_args.lm.num_layers", "1",
-            "--model.init_args.lm.num_heads", "2"]
-DATA = dict(num_stories=120, vocab_size=320)
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
+from tests.conftest import REPO, TINY, TINY_CLI
+from tests.conftest import TINY_STORIES as DATA
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,6 @@ from datamodules.text_corpus import PreferenceDataModule, PromptDataModule, Text
 SMALL = {"num_stories": 60, "vocab_size": 300, "batch_size": 4}
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)

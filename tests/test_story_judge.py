@@ -11,17 +11,12 @@ from datamodules.text_corpus import CORRUPTIONS, PreferenceDataModule, PromptDat
 from envs.story_judge import CHECKS, gold_score, judge, protagonist
 from lightning_modules.ppo import PPORLHF
 from models.lm_factory import LMSettings, LoraSettings
+from tests.conftest import TINY_STORIES as DATA
 
-DATA = dict(num_stories=120, vocab_size=320)
 STORY = ("Once upon a time, there was a brave fox named Mia. She lived by the sea. One day, Mia found a red ball "
          "in the grass. She was very happy. Mia shared the red ball with a tiny mouse. A tiny mouse liked the red "
          "ball too. In the end, Mia smiled and was happy.")
 PROMPT = "Once upon a time, there was a brave fox named Mia."
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
 
 
 def test_generated_stories_are_clean():

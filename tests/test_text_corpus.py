@@ -17,11 +17,6 @@ from datamodules.text_corpus import (
 )
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
-
-
 def test_generated_stories_are_coherent_and_controlled():
     stories = generate_stories(200, seed=3, mood="sad", min_sentences=5, max_sentences=6)
     assert generate_stories(200, seed=3, mood="sad", min_sentences=5, max_sentences=6)[0].text == stories[0].text

@@ -17,6 +17,15 @@ sys.path.insert(0, str(REPO / "bench"))
 import cli_runs  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_wandb():
+    """W&B keeps its settings (the mode among them) in a process-wide singleton: an earlier test's ``disabled`` would
+    otherwise stay in force here."""
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 @pytest.fixture
 def bench_env(monkeypatch):
     """An invocation's W&B settings live in the environment (worker processes inherit them): restore it after."""

@@ -25,11 +25,6 @@ DATA = dict(train_goals=8, eval_goals=2, vocab_size=320)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tokenizers"))
-
-
-@pytest.fixture(scope="module")
 def goals(cache):
     return EpisodeGoalsDataModule(goals_per_batch=2, tokenizer_cache=cache, **DATA)
 
