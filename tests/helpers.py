@@ -1,10 +1,31 @@
-"""Callbacks used by tests that run the CLI in a subprocess."""
+"""Callbacks used by tests that run the CLI in a subprocess, and a two-process fit."""
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fit_on_two_processes(config: str, args: list[str], cwd: Path, max_steps: int) -> dict[str, dict]:
+    """``train.py fit --config configs/<config>`` with ``args`` for ``max_steps`` on two gloo CPU processes
+    (``configs/trainer/ddp_cpu.yaml``); every rank saves its starting and final parameters and its first batch
+    (``SaveRankParameters``). Returns them by file name: ``rank0.pt``, ``start_rank1.pt``, ``batch_rank0.pt``, ..."""
+    out = cwd / "params"
+    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / config),
+               "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", str(max_steps),
+               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *args,
+               "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}",
+               "--trainer.callbacks.init_args.at_start=true"]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=500,
+                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {path.name: torch.load(path, weights_only=True) for path in out.glob("*.pt")}
 
 
 class SaveRankParameters(Callback):

@@ -17,6 +17,7 @@ from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import response_logprobs
 from tests.conftest import REPO, TINY, TINY_CLI
 from tests.conftest import TINY_STORIES as DATA
+from tests.helpers import fit_on_two_processes
 from tests.test_resume import _check_resume
 
 
@@ -260,27 +261,15 @@ def test_grpo_resume_mid_iteration_equals_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow  # about a minute: two processes start, build and train
 def test_grpo_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, cache):
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "params"
     tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
             "4", "--data.init_args.tokenizer_cache", cache, "--model.init_args.minibatch_size", "8",
             "--model.init_args.group_size", "2", "--model.init_args.max_new_tokens", "8", *TINY_CLI]
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/grpo.yaml"),
-               "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "3",
-               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
-               "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}",
-               "--trainer.callbacks.init_args.at_start=true"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
-                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    saved = fit_on_two_processes("rlhf/grpo.yaml", tiny, tmp_path, max_steps=3)
+    rank0, rank1 = saved["rank0.pt"], saved["rank1.pt"]
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # one update from both ranks' gradients
     assert any("lora_B" in k and rank0[k].abs().sum() > 0 for k in rank0)  # they did train (lora_B starts at 0)
-    batches = [torch.load(out / f"batch_rank{k}.pt", weights_only=True) for k in (0, 1)]
+    batches = [saved[f"batch_rank{k}.pt"] for k in (0, 1)]
     assert len(batches[0]["index"]) == 2  # 4 prompts over 2 ranks
     assert set(batches[0]["index"].tolist()) != set(batches[1]["index"].tolist())  # each rank its own prompts
 

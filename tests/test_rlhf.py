@@ -20,6 +20,7 @@ from models.lm_rollout import AdaptiveKLController, distinct_n, last_token_index
 from models.lm_text import position_ids, sample
 from tests.conftest import REPO, TINY, TINY_CLI
 from tests.conftest import TINY_STORIES as DATA
+from tests.helpers import fit_on_two_processes
 
 
 @pytest.fixture(scope="module")
@@ -534,44 +535,21 @@ def test_ppo_test_perplexity_of_policy_and_reference_on_held_out_completions(pro
 
 
 def test_ppo_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path, cache):
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "params"
     tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
             "16", "--data.init_args.tokenizer_cache", cache, "--model.init_args.minibatch_size", "4",
             "--model.init_args.max_new_tokens", "8", *TINY_CLI]
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/ppo.yaml"),
-               "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "4",
-               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
-               "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
-                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{k}.pt", weights_only=True) for k in (0, 1))
+    saved = fit_on_two_processes("rlhf/ppo.yaml", tiny, tmp_path, max_steps=4)
+    rank0, rank1 = saved["rank0.pt"], saved["rank1.pt"]
     assert rank0.keys() == rank1.keys()
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # the ranks took the same decisions and updates
     assert any("lora_B" in k and rank0[k].abs().sum() > 0 for k in rank0)  # and they did train (lora_B starts at 0)
 
 
 def test_sft_ddp_on_two_cpu_processes_trains_different_shards_into_identical_ranks(tmp_path, cache):
-    import os
-    import subprocess
-    import sys
-
-    out = tmp_path / "params"
     tiny = ["--data.init_args.num_stories", "120", "--data.init_args.vocab_size", "320", "--data.init_args.batch_size",
             "8", "--data.init_args.tokenizer_cache", cache, *TINY_CLI]
-    command = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/rlhf/sft.yaml"),
-               "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "3",
-               "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", *tiny,
-               "--trainer.callbacks+=tests.helpers.SaveRankParameters", f"--trainer.callbacks.init_args.folder={out}",
-               "--trainer.callbacks.init_args.at_start=true"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=500,
-                            env={**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    load = lambda name: torch.load(out / name, weights_only=True)  # noqa: E731
+    saved = fit_on_two_processes("rlhf/sft.yaml", tiny, tmp_path, max_steps=3)
+    load = saved.__getitem__
     start0, start1, end0, end1 = (load(f"{p}rank{k}.pt") for p in ("start_", "") for k in (0, 1))
     batch0, batch1 = load("batch_rank0.pt"), load("batch_rank1.pt")
     assert len(batch0["input_ids"]) == 4  # the global batch of 8 is shared between the two processes
