@@ -297,11 +297,13 @@ def export(argv: list[str]) -> dict[str, str]:
     at its end, from one of its checkpoints (``lightning_modules.lm_phase.export_checkpoint``)."""
     parser = argparse.ArgumentParser(prog="train.py export", description=export.__doc__.splitlines()[0],
                                      allow_abbrev=False, exit_on_error=False)
-    parser.add_argument("--ckpt_path", required=True, help="Checkpoint of an LM phase (SFT, reward model, PPO, "
-                        "early experience).")
+    parser.add_argument("--ckpt_path", default=None, help="Checkpoint of an LM phase (SFT, reward model, PPO, GRPO, "
+                        "DPO, early experience).")
     parser.add_argument("--output", default=None, help="Folder for model/ and adapter/ (default: <run>/hf).")
     with one_line_config_errors():
         args = parse_naming_keys(parser, argv)
+        if args.ckpt_path is None:  # (argparse's own check for a required option prints a usage block instead)
+            raise ConfigError("ckpt_path", "required: the checkpoint of an LM phase to export")
     from lightning_modules.lm_phase import export_checkpoint
 
     written = export_checkpoint(args.ckpt_path, args.output)

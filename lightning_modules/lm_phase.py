@@ -94,7 +94,8 @@ def export_checkpoint(ckpt_path: str, output: str | os.PathLike | None = None) -
     phase = _import(name)
     if not (isinstance(phase, type) and issubclass(phase, LMPhase)):
         raise ValueError(f"{ckpt_path!r} was written by {name or 'an unknown model'}, not by an LM phase: export "
-                         "takes the checkpoint of an SFT, reward-model, PPO or early-experience run")
+                         "takes the checkpoint of an SFT, reward-model, PPO, GRPO, DPO, pretraining or "
+                         "early-experience run")
     data_hparams = checkpoint.get("datamodule_hyper_parameters") or {}
     datamodule = _import(data_hparams.get("_class_path"))
     if datamodule is None:

@@ -5,10 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 
 from datamodules.text_corpus import TextCorpusDataModule
+from experiment.cli import main
 from lightning_modules.sft import CausalLMSFT
 from models.lm_factory import LMSettings, LoraSettings
 from tests.conftest import REPO
@@ -120,5 +122,13 @@ def test_export_of_a_checkpoint_that_is_not_an_lm_phase_is_one_line(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         f"Error: ValueError: '{ckpt}' was written by lightning_modules.tool_agent.ToolAgentA2C, not by an LM phase: "
-        "export takes the checkpoint of an SFT, reward-model, PPO or early-experience run  (--debug shows the "
-        "traceback)"]
+        "export takes the checkpoint of an SFT, reward-model, PPO, GRPO, DPO, pretraining or early-experience run  "
+        "(--debug shows the traceback)"]
+
+
+def test_export_without_a_checkpoint_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--output", "somewhere"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "Error: ckpt_path: required: the checkpoint of an LM phase to export")
