@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.distributed import EpochPermutation, per_device_batch, resumable
+from datamodules.distributed import Chunks, EpochPermutation, evaluation_loader, per_device_batch, resumable
 from datamodules.pretrain_text import generate_documents
 from models.lm_factory import build_tokenizer
 
@@ -89,5 +89,6 @@ class PretrainCorpusDataModule(LightningDataModule):
                           num_workers=self.hparams.num_workers, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.blocks("val"), batch_size=self.hparams.eval_batch_size, collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers)
+        # Whole batches dealt to the processes, none twice (placeholders ``{}``), as every evaluation loader.
+        return evaluation_loader(self, Chunks(self.blocks("val"), self.hparams.eval_batch_size, self.collate),
+                                 empty={}, num_workers=self.hparams.num_workers)
