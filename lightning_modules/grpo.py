@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from datamodules.distributed import per_device_batch, step_generator
+from lightning_modules.lm_phase import check_settings
 from lightning_modules.policy_rl import PolicyRL
 from lightning_modules.rl import group_advantages, grpo_loss, kl_k3, minibatch_indices, shaped_scores
 from models.lm_factory import LMSettings, LoraSettings
@@ -115,9 +116,7 @@ class GRPO(PolicyRL):
             "clip_range": clip_range > 0, "kl_coef": kl_coef >= 0, "advantage_eps": advantage_eps > 0,
             "max_grad_norm": max_grad_norm > 0, "reward_clip": reward_clip > 0,
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid GRPO settings: {', '.join(f'{n}={given[n]!r}' for n in bad)}")
+        check_settings("GRPO", checks, given)
         super().__init__(lm=lm, **kwargs)
         self.automatic_optimization = False
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))

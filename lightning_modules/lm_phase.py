@@ -38,6 +38,13 @@ class TokenizerSource(Protocol):
     tokenizer: Any
 
 
+def check_settings(kind: str, checks: dict[str, bool], given: dict[str, Any]) -> None:
+    """``ValueError("invalid <kind> settings: name=value, ...")`` naming every setting whose check is false."""
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ValueError(f"invalid {kind} settings: {', '.join(f'{n}={given[n]!r}' for n in bad)}")
+
+
 def load_phase_checkpoint(path: str) -> dict[str, Any]:
     """An earlier phase's checkpoint (tensors and plain values only: ``weights_only=True``)."""
     checkpoint = read_checkpoint(path)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from datamodules.distributed import step_generator
 from lightning_modules.grpo import GroupRollout
+from lightning_modules.lm_phase import check_settings
 from lightning_modules.policy_rl import PolicyRL
 from lightning_modules.rl import (
     clipped_policy_loss,
@@ -137,9 +138,7 @@ class PPORLHF(PolicyRL):
             "kl_estimator": kl_estimator in ("k1", "k3"), "max_rollbacks": max_rollbacks >= 1,
             "max_mean_ratio": max_mean_ratio > 1,
         }
-        bad = [name for name, ok in checks.items() if not ok]
-        if bad:
-            raise ValueError(f"invalid PPO settings: {', '.join(f'{n}={given[n]!r}' for n in bad)}")
+        check_settings("PPO", checks, given)
         if kwargs.get("lr_decay", "constant") != "constant" or kwargs.get("warmup_ratio", 0.0) != 0.0:
             raise ValueError("PPO steps its optimiser by hand: lr_decay and warmup_ratio are not supported")
         super().__init__(lm=lm, **kwargs)
