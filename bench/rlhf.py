@@ -105,6 +105,8 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
                          *shlex.split(getattr(args, f"{method}_args"))]
             out |= run_ppo(seed, f"{root}/ppo", overrides) if method == "ppo" else run_policy(
                 method, seed, f"{root}/{method}", overrides)[1]
+        if args.no_agentic:
+            return out
         epochs = ["--trainer.max_epochs", str(args.agentic_epochs)] if args.agentic_epochs else []
         agentic, out["agentic"], out["agentic_seconds"] = run_phase(
             CONFIGS["agentic_sft"], seed, f"{root}/agentic", *epochs, *phase_args("agentic_sft"))
@@ -385,6 +387,7 @@ def main_bench() -> None:
                         help="agentic SFT epochs (default: its config's, the start agentic GRPO needs)")
     parser.add_argument("--agentic-rl-steps", type=int, default=None, help="agentic GRPO steps (default: its config's)")
     parser.add_argument("--no-agentic-rl", action="store_true", help="agentic SFT only (agentic_* fields nan)")
+    parser.add_argument("--no-agentic", action="store_true", help="no agentic SFT nor RL (e.g. extra PPO seeds)")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0: all cores / jobs)")
     parser.add_argument("--accelerator", default="cpu", help="every phase's trainer accelerator (cpu, gpu)")
