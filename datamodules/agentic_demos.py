@@ -66,6 +66,7 @@ class AgenticDemoDataModule(LightningDataModule):
         seed: int = 0,
         vocab_size: int = 512,
         tokenizer_cache: str | None = None,
+        split_digits: bool = True,
         batch_size: int = 32,
         eval_batch_size: int = 50,
     ) -> None:
@@ -76,6 +77,8 @@ class AgenticDemoDataModule(LightningDataModule):
             seed: Seed of the tasks.
             vocab_size: Size of the BPE tokenizer trained on the demonstrations.
             tokenizer_cache: Folder of cached tokenizers (``null``: the default cache).
+            split_digits: Every digit its own token, so a number is the same tokens in the task, the tool call, the
+                observation and the answer (merged digits differ with the characters around them: ``" 3"``).
             batch_size: Training batch size (turns), summed over devices.
             eval_batch_size: Validation / test batch size per device.
         """
@@ -90,7 +93,7 @@ class AgenticDemoDataModule(LightningDataModule):
         for split in ("val", "test"):
             self.tasks[split] = held_out_tasks(rng, num_eval_tasks, seen, self.tools)
         texts = [f"{c} {a}" for task in self.tasks["train"] for c, a in demonstrations(task)]
-        self.tokenizer = build_tokenizer(texts, vocab_size, tokenizer_cache)
+        self.tokenizer = build_tokenizer(texts, vocab_size, tokenizer_cache, split_digits=split_digits)
         self.batch_size = batch_size
 
     def demonstration_turns(self, task: Task) -> list[tuple[list[int], list[int]]]:

@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 
 import lightning_modules.agentic_rl as agentic_rl
 from datamodules.agentic_demos import AgenticTaskDataModule, encode_action, encode_observation, encode_prompt
-from envs.agentic import Task
+from envs.agentic import Task, observation_text
 from experiment.cli import main
 from lightning_modules.agentic_rl import AgenticGRPO, AgenticPPO
 from lightning_modules.rl import gae, grpo_loss
@@ -199,6 +199,23 @@ def test_evaluation_tasks_are_held_out(data):
     assert len(val) == len(test) == 8 and not (val & train) and not (test & train) and not (val & test)
     batch = next(iter(data.test_dataloader()))
     assert batch["tasks"] == data.tasks["test"] and batch["index"].tolist() == list(range(8))
+
+
+def test_a_number_is_the_same_tokens_in_the_observation_and_in_the_answer(data, tmp_path):
+    """Answering is copying the tool's result: with merged digits the observation's `` 3298`` starts with a token
+    (`` 3``) that ``<finish>3298`` never has; with one token per digit the four digits are the same four tokens."""
+    merged = AgenticTaskDataModule(num_train_tasks=200, num_eval_tasks=8, vocab_size=400, split_digits=False,
+                                   tokenizer_cache=str(tmp_path))
+
+    def digits(tokenizer, text):
+        return [i for i in tokenizer(text, add_special_tokens=False).input_ids
+                if tokenizer.decode([i]).strip().isdigit()]
+
+    for dm, same in ((data, True), (merged, False)):
+        observed = digits(dm.tokenizer, observation_text("3298"))
+        answered = digits(dm.tokenizer, " <finish>3298</finish>")
+        assert (observed == answered) is same
+    assert [data.tokenizer.decode([i]) for i in digits(data.tokenizer, " <finish>3298</finish>")] == list("3298")
 
 
 def test_the_environment_gives_the_reward_so_a_reward_model_is_refused():
