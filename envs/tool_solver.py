@@ -98,9 +98,7 @@ def _copy(state: ToolEnvState) -> ToolEnvState:
 
 
 def _key(state: ToolEnvState) -> bytes:
-    return (
-        torch.stack([state.acc, state.mem, state.cursor, state.has_value.long(), state.done.long()]).numpy().tobytes()
-    )
+    return torch.stack([state.acc, state.mem, state.cursor, state.has_value.int(), state.done.int()]).numpy().tobytes()
 
 
 def shortest_solution_lengths(digits: Tensor, stage: int, semantics: str = "register", max_steps: int = 8) -> Tensor:

@@ -13,12 +13,15 @@ from envs.tool_env import (
     RCL,
     STO,
     SUB,
+    VOCAB_SIZE,
     ToolEnv,
     all_problems,
     context_tokens,
+    pack_operands,
+    register_effect,
     stage_goal,
 )
-from envs.tool_env_loop import run_episode
+from envs.tool_env_loop import goal, register_step, run_episode
 from envs.tool_solver import shortest_program, shortest_solution_lengths
 
 
@@ -47,6 +50,9 @@ def test_register_rules_by_hand():
     assert (int(state.acc), int(state.mem)) == (0, 17)
     _, state = run(env, digits, 0, [MUL, ADD, STO, RCL, MUL, ADD])
     assert (int(state.acc), int(state.mem), int(state.cursor)) == (17, 0, 3)
+    # The largest product fits the int32 registers: 9**5.
+    reward, state = run(env, [9] * 5, 2, [MUL, MUL, MUL, MUL, ANS])
+    assert int(state.answer) == 9**5 and reward == 0.0 and bool(state.answered)
 
 
 def test_wrong_answer_eos_and_time_limit_end_with_zero_reward():
@@ -91,6 +97,66 @@ def test_vectorised_env_matches_per_sample_reference(semantics, max_steps):
         assert total[i].item() == pytest.approx(ref_reward), i
         assert int(state.steps[i]) == ref_steps, i
         assert bool(state.correct[i]) == ref_correct, i
+
+
+@pytest.mark.parametrize("semantics", ["register", "seed"])
+@pytest.mark.parametrize("max_steps", [1, 3, 8])
+def test_vectorised_env_matches_reference_on_any_token(semantics, max_steps):
+    """Random programs over the whole vocabulary (digits, CTX and PAD too), every stage, longer than the limit."""
+    env = ToolEnv(semantics, max_steps)
+    generator = torch.Generator().manual_seed(max_steps)
+    n = 2000
+    digits = torch.randint(0, 10, (n, 5), generator=generator)
+    stage = torch.randint(0, 3, (n,), generator=generator)
+    tokens = torch.randint(0, VOCAB_SIZE, (n, max_steps + 2), generator=generator)
+    state = env.reset(digits, stage)
+    rewards, dones = [], []
+    for t in range(tokens.shape[1]):
+        reward, done = env.step(state, tokens[:, t])
+        rewards.append(reward)
+        dones.append(done)
+    for i in range(n):
+        ref_reward, ref_steps, ref_correct = run_episode(
+            tuple(digits[i].tolist()), int(stage[i]), tokens[i].tolist(), semantics, max_steps
+        )
+        assert sum(float(r[i]) for r in rewards) == pytest.approx(ref_reward), i
+        assert int(state.steps[i]) == ref_steps and bool(state.correct[i]) == ref_correct, i
+        # The episode is over exactly from its last step on (the loop returns the number of tokens it executed).
+        assert [bool(d[i]) for d in dones] == [t + 1 >= ref_steps for t in range(tokens.shape[1])], i
+
+
+def test_register_table_matches_the_reference_step():
+    """Every (digit under the cursor or none, token) entry of the table does what the reference's step does."""
+    acc, mem = 7, -3
+    for digit in [None, *range(10)]:
+        head = 1 if digit is None else 16 + digit
+        context = (5,) if digit is None else (5, digit)
+        for token in range(VOCAB_SIZE):
+            multiplier, addend, recall, file, shift = register_effect(head, token)
+            got = (acc * multiplier + recall * mem + addend, mem - recall * mem + file * acc, 1 + (shift & 1))
+            if token in (ANS, EOS):
+                assert got == (acc, mem, 1) and shift >= 21 and (shift >> 1 & 1) == (token == ANS)
+            else:
+                assert got == register_step(context, acc, mem, 1, token), (digit, token)
+    assert register_effect(0, MUL) == [1, 0, 0, 0, 0]  # an ended episode ignores every token
+
+
+def test_operands_are_packed_five_bits_a_digit_with_an_end_mark():
+    digits = torch.tensor([[3, 4, 5, 2, 6]] * 3)
+    packed = pack_operands(digits.int(), torch.tensor([0, 1, 2]))
+    assert packed.tolist() == [
+        20 + 21 * 32 + 1 * 32**2,
+        20 + 21 * 32 + 18 * 32**2 + 1 * 32**3,
+        20 + 21 * 32 + 18 * 32**2 + 22 * 32**3 + 1 * 32**4,
+    ]
+
+
+def test_stage_goal_matches_the_reference():
+    digits = torch.randint(0, 10, (500, 5), generator=torch.Generator().manual_seed(1))
+    stage = torch.arange(500) % 3
+    expected = [goal(tuple(row), int(k)) for row, k in zip(digits.tolist(), stage)]
+    assert stage_goal(digits, stage).tolist() == expected
+    assert stage_goal(digits.int(), stage).tolist() == expected
 
 
 @pytest.mark.parametrize("stage,length", [(0, 3), (1, 4), (2, 5)])
@@ -139,6 +205,8 @@ def test_bad_input_is_rejected():
         env.reset(torch.zeros(2, 5, dtype=torch.long), torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="shape"):
         env.reset(torch.zeros(2, 4, dtype=torch.long), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="digits must be in 0..9"):
+        env.reset(torch.full((2, 5), 10), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="unknown stage"):
         shortest_program(3)
 
