@@ -155,13 +155,12 @@ def test_fast_dev_run_with_the_regions_fill(in_tmp):
 
 
 def test_fast_dev_run_with_a_users_experience_file(in_tmp):
-    lines = ['{"state": [%s]}' % ", ".join(str((7 * n + 3 * b) % 32) for b in range(32)) for n in range(3)]
-    path = write(in_tmp, lines)
+    values = torch.tensor([[(7 * n + 3 * b) % 32 for b in range(32)] for n in range(3)])
+    path = write(in_tmp, [json.dumps({"state": row}) for row in values.tolist()])
     with pytest.warns(UserWarning, match="3 of 256"):
         run = fit("--config", str(CONFIGS / "fill_experience_file.yaml"), "--data.init_args.experience_file",
                   str(path))
     # state n holds a permutation of 0..31: the 16 values above the lower median 15 are 16..31
-    values = torch.tensor([[(7 * n + 3 * b) % 32 for b in range(32)] for n in range(3)])
     expected = torch.zeros(256, 32)
     expected[:3] = (values >= 16).float()
     assert torch.equal(run.model.system.memory.bits, expected)
