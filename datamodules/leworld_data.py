@@ -28,7 +28,9 @@ mattered (1); its characteristics were noise, so nothing told the SLMs where to 
 Memory population strategies: ``random`` (iid bits: range means hover near 1/2, the standardisation rescales
 them), ``structured`` (cells of ``cell_words`` words share a random prototype, each word flips ``flip_prob`` of
 its bits), ``experience`` (words are median-thresholded vectors of a correlated random walk, the seed's
-quantisation of "observed features").
+quantisation of "observed features"), ``regions`` (the seed's four-region layout: dynamics, context, history,
+associations) and ``experience_file`` (a user's states from a JSONL file, one per word); ``datamodules/leworld_fills``
+holds them all.
 """
 
 from __future__ import annotations
@@ -42,54 +44,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datamodules.distributed import evaluation_loader, per_device_batch
+from datamodules.leworld_fills import (
+    populate_from_experience,
+    populate_from_experience_file,
+    populate_random,
+    populate_regions,
+    populate_structured,
+    random_walk_experience,
+)
 from models.leworld import address_split, centered_prefix, prefix_range_mean
 
 Difficulty = Literal["easy", "medium", "hard"]
-Population = Literal["random", "structured", "experience"]
+Population = Literal["random", "structured", "experience", "regions", "experience_file"]
+POPULATIONS = ("random", "structured", "experience", "regions", "experience_file")
 NUM_RELEVANT = {"easy": 1, "medium": 2, "hard": 3}
 MAX_SLOTS = 3
 OFFSETS, LENGTHS = 8, 4
-
-
-# --- memory population --------------------------------------------------------------------------------------------
-def populate_random(num_words: int, word_size: int, generator: torch.Generator) -> Tensor:
-    """Independent fair bits."""
-    return torch.randint(0, 2, (num_words, word_size), generator=generator).float()
-
-
-def populate_structured(
-    num_words: int, word_size: int, generator: torch.Generator, cell_words: int = 8, flip_prob: float = 0.1
-) -> Tensor:
-    """Cells of ``cell_words`` words that share a random prototype; each word flips ``flip_prob`` of its bits."""
-    cells = math.ceil(num_words / cell_words)
-    prototypes = torch.randint(0, 2, (cells, word_size), generator=generator).float()
-    bits = prototypes.repeat_interleave(cell_words, 0)[:num_words]
-    flips = (torch.rand(num_words, word_size, generator=generator) < flip_prob).float()
-    return (bits + flips) % 2
-
-
-def populate_from_experience(experiences: Tensor, num_words: int, word_size: int) -> Tensor:
-    """Each experience vector becomes one word: its first ``word_size`` features thresholded at their median.
-
-    Rows after the experiences stay zero; shorter feature vectors are zero-padded. (The seed's quantisation,
-    vectorised.)
-    """
-    n = min(experiences.shape[0], num_words)
-    feats = experiences[:n, :word_size]
-    bits = torch.zeros(num_words, word_size)
-    bits[:n, : feats.shape[1]] = (feats > feats.median(dim=1, keepdim=True).values).float()
-    return bits
-
-
-def random_walk_experience(num_words: int, word_size: int, generator: torch.Generator, rho: float = 0.95) -> Tensor:
-    """A correlated random walk in ``R^word_size`` (a stand-in for observed features), one row per word."""
-    noise = torch.randn(num_words, word_size, generator=generator)
-    walk = torch.empty_like(noise)
-    walk[0] = noise[0]
-    scale = math.sqrt(1 - rho**2)
-    for i in range(1, num_words):  # 64K steps at most, once per task
-        walk[i] = rho * walk[i - 1] + scale * noise[i]
-    return walk
 
 
 # --- the task ---------------------------------------------------------------------------------------------------
@@ -110,12 +80,15 @@ class LeWorldTask:
         cell_words: int,
         flip_prob: float,
         seed: int,
+        experience_file: str | None = None,
     ) -> None:
         self.hi_size, self.lo_size = address_split(num_words)
         if difficulty not in NUM_RELEVANT:
             raise ValueError(f"unknown difficulty {difficulty!r}; expected one of {list(NUM_RELEVANT)}")
-        if population not in ("random", "structured", "experience"):
-            raise ValueError(f"unknown population {population!r}; expected random, structured or experience")
+        if population not in POPULATIONS:
+            raise ValueError(f"unknown population {population!r}; expected one of {list(POPULATIONS)}")
+        if (population == "experience_file") != (experience_file is not None):
+            raise ValueError("experience_file must be set exactly when population is 'experience_file'")
         if num_pages < 1 or num_pages & (num_pages - 1) or self.hi_size % num_pages or self.hi_size // num_pages < 2:
             raise ValueError(
                 f"num_pages must be a power of two with at least 2 groups of pages in {self.hi_size} "
@@ -139,10 +112,15 @@ class LeWorldTask:
         self.unit = self.lo_size // OFFSETS
         self.max_range = LENGTHS * self.unit
         g = torch.Generator().manual_seed(seed)
-        self.bits = self.populate(population, cell_words, flip_prob, g)
+        self.bits = self.populate(population, cell_words, flip_prob, g, 2 * seed, experience_file)
         self.prefix = centered_prefix(self.bits)
-        # A second memory, filled the same way, for evaluation (``eval_memory="fresh"``).
-        self.eval_bits = self.populate(population, cell_words, flip_prob, torch.Generator().manual_seed(seed + 7919))
+        # A second memory, filled the same way, for evaluation (``eval_memory="fresh"``); a user's file is one memory.
+        eval_g = torch.Generator().manual_seed(seed + 7919)
+        self.eval_bits = (
+            self.bits
+            if population == "experience_file"
+            else self.populate(population, cell_words, flip_prob, eval_g, 2 * seed + 1)
+        )
         self.eval_prefix = centered_prefix(self.eval_bits)
         self.rotation = torch.linalg.qr(torch.randn(char_dim, char_dim, generator=g))[0]
         x_dim = state_dim - num_pages
@@ -157,12 +135,25 @@ class LeWorldTask:
         self.content_mean = content.reshape(-1, word_size).mean(0)
         self.content_std = (content - self.content_mean).std().clamp(min=1e-3)
 
-    def populate(self, population: Population, cell_words: int, flip_prob: float, g: torch.Generator) -> Tensor:
+    def populate(
+        self,
+        population: Population,
+        cell_words: int,
+        flip_prob: float,
+        g: torch.Generator,
+        stream: int,
+        experience_file: str | None = None,
+    ) -> Tensor:
+        """One memory; ``g`` draws the random fills, ``stream`` picks the context words of ``regions``."""
         n, w = self.num_words, self.word_size
         if population == "random":
             return populate_random(n, w, g)
         if population == "structured":
             return populate_structured(n, w, g, cell_words, flip_prob)
+        if population == "regions":
+            return populate_regions(n, w, stream)
+        if population == "experience_file":
+            return populate_from_experience_file(experience_file, n, w)
         return populate_from_experience(random_walk_experience(n, w, g), n, w)
 
     def ranges(self, group: Tensor, offset: Tensor, length: Tensor, pages: Tensor) -> tuple[Tensor, Tensor]:
@@ -311,6 +302,7 @@ class LeWorldDataModule(LightningDataModule):
         eval_batch_size: int = 512,
         eval_memory: Literal["fresh", "same"] = "fresh",
         seed: int = 0,
+        experience_file: str | None = None,
     ) -> None:
         """
         Args:
@@ -322,7 +314,8 @@ class LeWorldDataModule(LightningDataModule):
                 a range that comes back within a sequence leaks its content through the state's history.
             seq_len: States per sequence.
             difficulty: ``easy`` / ``medium`` / ``hard``: 1 / 2 / 3 relevant memory ranges per sequence.
-            population: How the memory is filled: ``random``, ``structured`` or ``experience``.
+            population: How the memory is filled: ``random``, ``structured``, ``experience``, ``regions`` (the
+                seed's four regions) or ``experience_file`` (the states of ``experience_file``, one per word).
             decay: Decay of the continuous state per step.
             noise_std: Standard deviation of the transition noise (the error floor).
             cell_words: Words per prototype cell (``structured``).
@@ -336,6 +329,9 @@ class LeWorldDataModule(LightningDataModule):
                 seed, so a model can only succeed by reading (the training memory is small enough to memorise);
                 ``same``: the training memory.
             seed: Task seed: memory, codes, dynamics and every sequence.
+            experience_file: JSONL file of states, ``{"state": [word_size numbers]}`` per line (with
+                ``population: experience_file`` only; a relative path is looked up in the working directory, then
+                in the repository root). The file is the only memory: it needs ``eval_memory: same``.
         """
         super().__init__()
         if seq_len < 3:
@@ -346,6 +342,10 @@ class LeWorldDataModule(LightningDataModule):
             raise ValueError(f"unknown eval_memory {eval_memory!r}; expected 'fresh' or 'same'")
         if not 0.0 <= decay < 1.0 or noise_std < 0:
             raise ValueError(f"need 0 <= decay < 1 and noise_std >= 0, got {decay}, {noise_std}")
+        if population == "experience_file" and eval_memory == "fresh":
+            raise ValueError(
+                "eval_memory must be 'same' with population 'experience_file': the file fills the only memory"
+            )
         self.save_hyperparameters()
         self.seed = seed
         self.batch_size = batch_size
@@ -362,6 +362,7 @@ class LeWorldDataModule(LightningDataModule):
             cell_words,
             flip_prob,
             seed,
+            experience_file,
         )
         self._sets: dict[str, dict[str, Tensor]] = {}
 

@@ -82,6 +82,9 @@ def test_default_slm_is_the_one_the_default_system_builds():
         ("ablation_no_phase1.yaml", "phase2.yaml", {"max_steps", "val_check_interval", "filename"}),
         ("ablation_no_phase3.yaml", "phase2.yaml", {"max_steps", "val_check_interval", "filename", "lr"}),
         ("oracle.yaml", "no_memory.yaml", {"filename", "mode", "num_slots", "memory"}),
+        ("fill_regions.yaml", "phase1.yaml", {"filename", "population"}),
+        ("fill_experience_file.yaml", "phase1.yaml", {"filename", "num_words", "max_read_range", "num_pages",
+                                                      "population", "experience_file", "eval_memory"}),
     ],
 )
 def test_overlays_change_only_what_they_say(overlay, base, changed):
