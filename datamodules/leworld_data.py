@@ -22,6 +22,18 @@ The previous transition reveals only the previous page's content (pages do not r
 ``num_pages >= seq_len - 1``), so without a read the next state is unknown
 up to ``Var(sum_j B_j c)`` (about ``n`` per continuous dimension); with the right reads, up to ``noise_std^2``.
 
+Difficulty ``latent`` (2 relevant slots) adds a hidden regime ``r_t in {0, 1}``: a Markov chain per sequence
+(``r_0`` a fair coin, each step it flips with probability ``regime_switch_prob``) that is in no state and no
+characteristic. It fixes two things at once:
+
+    offset of slot j at step t = k_j + 4 r_t   (k_j in 0..3 is in the characteristics),
+    x_{t+1} = (1 - 2 r_t) * decay * x_t + sum_j B_j c_{j,t} + noise_std * eps.
+
+So the range to read depends on ``r_t`` (the lower or upper half of the page), and ``r_t`` shows only in the sign of
+the transition ``x_{t-1} -> x_t``: a model that sees two consecutive states (the BLM) can infer it, a model that sees
+one state (the SLMs with ``LeWorldSystem(slm_sees_past=False)``) cannot (the marginal of ``x_t`` is the same in both
+regimes). The SLMs can find the range only if the BLM's info query tells them the regime.
+
 Seed bugs fixed here: the seed rebuilt the whole sequence for each relevant region, so only the last region
 mattered (1); its characteristics were noise, so nothing told the SLMs where to look (2).
 
@@ -54,12 +66,13 @@ from datamodules.leworld_fills import (
 )
 from models.leworld import address_split, centered_prefix, prefix_range_mean
 
-Difficulty = Literal["easy", "medium", "hard"]
+Difficulty = Literal["easy", "medium", "hard", "latent"]
 Population = Literal["random", "structured", "experience", "regions", "experience_file"]
 POPULATIONS = ("random", "structured", "experience", "regions", "experience_file")
-NUM_RELEVANT = {"easy": 1, "medium": 2, "hard": 3}
+NUM_RELEVANT = {"easy": 1, "medium": 2, "hard": 3, "latent": 2}
 MAX_SLOTS = 3
 OFFSETS, LENGTHS = 8, 4
+REGIME_SHIFT = OFFSETS // 2  # in regime 1 (``latent``) a slot reads the upper half of its page: offset k + 4
 
 
 # --- the task ---------------------------------------------------------------------------------------------------
@@ -81,6 +94,7 @@ class LeWorldTask:
         flip_prob: float,
         seed: int,
         experience_file: str | None = None,
+        regime_switch_prob: float = 0.05,
     ) -> None:
         self.hi_size, self.lo_size = address_split(num_words)
         if difficulty not in NUM_RELEVANT:
@@ -108,6 +122,10 @@ class LeWorldTask:
             )
         self.num_words, self.word_size, self.state_dim, self.char_dim = num_words, word_size, state_dim, char_dim
         self.num_pages, self.num_relevant = num_pages, NUM_RELEVANT[difficulty]
+        self.latent = difficulty == "latent"
+        if not 0.0 <= regime_switch_prob <= 1.0:
+            raise ValueError(f"regime_switch_prob must be in [0, 1], got {regime_switch_prob}")
+        self.regime_switch_prob = regime_switch_prob
         self.decay, self.noise_std = decay, noise_std
         self.unit = self.lo_size // OFFSETS
         self.max_range = LENGTHS * self.unit
@@ -156,10 +174,14 @@ class LeWorldTask:
             return populate_from_experience_file(experience_file, n, w)
         return populate_from_experience(random_walk_experience(n, w, g), n, w)
 
-    def ranges(self, group: Tensor, offset: Tensor, length: Tensor, pages: Tensor) -> tuple[Tensor, Tensor]:
-        """Ranges ``[B, T, 3]`` from per-slot codes ``[B, 3]`` and pages ``[B, T]``."""
+    def ranges(
+        self, group: Tensor, offset: Tensor, length: Tensor, pages: Tensor, shift: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Ranges ``[B, T, 3]`` from per-slot codes ``[B, 3]``, pages ``[B, T]`` and an offset shift ``[B, T]``
+        (``latent``: ``REGIME_SHIFT * r_t``)."""
         hi = group.unsqueeze(1) * self.num_pages + pages.unsqueeze(-1)
-        starts = hi * self.lo_size + offset.unsqueeze(1) * self.unit
+        offsets = offset.unsqueeze(1) if shift is None else offset.unsqueeze(1) + shift.unsqueeze(-1)
+        starts = hi * self.lo_size + offsets * self.unit
         ends = (starts + length.unsqueeze(1) * self.unit).clamp(max=self.num_words)
         return starts, ends
 
@@ -177,28 +199,42 @@ class LeWorldTask:
         prefix = self.eval_prefix if eval_memory else self.prefix
         return (2 * prefix_range_mean(prefix, starts, ends) - 1 - self.content_mean) / self.content_std
 
+    def regimes(self, num: int, seq_len: int, generator: torch.Generator) -> Tensor:
+        """``latent``'s hidden regimes ``[B, T]`` (0/1): a fair first coin, then each step flips with
+        ``regime_switch_prob``."""
+        first = torch.randint(0, 2, (num, 1), generator=generator)
+        flips = (torch.rand(num, seq_len - 1, generator=generator) < self.regime_switch_prob).long()
+        return torch.cat([first, first + flips.cumsum(1)], 1) % 2
+
     def sample(
         self, num: int, seq_len: int, generator: torch.Generator, eval_memory: bool = False
     ) -> dict[str, Tensor]:
         """``num`` sequences of ``seq_len`` states with their characteristics and relevant ranges, driven by the
-        training memory or (``eval_memory``) the evaluation memory."""
+        training memory or (``eval_memory``) the evaluation memory; ``latent`` adds ``regime [B, T]`` (the regime
+        of step ``t`` drives ``t -> t + 1``). The draws of the other difficulties are those of earlier versions."""
         g = generator
         group = torch.randint(0, self.groups, (num, MAX_SLOTS), generator=g)
         offset = torch.randint(0, OFFSETS, (num, MAX_SLOTS), generator=g)
         length = torch.randint(1, LENGTHS + 1, (num, MAX_SLOTS), generator=g)
         valid = torch.arange(MAX_SLOTS).expand(num, -1) < self.num_relevant
         pages = (torch.randint(0, self.num_pages, (num, 1), generator=g) + torch.arange(seq_len)) % self.num_pages
-        starts, ends = self.ranges(group, offset, length, pages)
-        drive = torch.einsum("jxw,btjw->btjx", self.mixing, self.content(starts, ends, eval_memory))
-        drive = (drive * valid[:, None, :, None]).sum(2)  # every relevant slot contributes
         x = torch.empty(num, seq_len, self.state_dim - self.num_pages)
         x[:, 0] = torch.randn(num, x.shape[-1], generator=g)
         noise = torch.randn(num, seq_len, x.shape[-1], generator=g) * self.noise_std
+        decay = torch.full((num, seq_len), self.decay)
+        shift, extra = None, {}
+        if self.latent:  # drawn last, so that the other difficulties' draws stay as they were
+            offset = offset % REGIME_SHIFT  # the characteristics give k in 0..3; the regime adds 0 or 4
+            regime = self.regimes(num, seq_len, g)
+            shift, decay, extra = REGIME_SHIFT * regime, self.decay * (1 - 2 * regime).float(), {"regime": regime}
+        starts, ends = self.ranges(group, offset, length, pages, shift)
+        drive = torch.einsum("jxw,btjw->btjx", self.mixing, self.content(starts, ends, eval_memory))
+        drive = (drive * valid[:, None, :, None]).sum(2)  # every relevant slot contributes
         for t in range(1, seq_len):
-            x[:, t] = self.decay * x[:, t - 1] + drive[:, t - 1] + noise[:, t]
+            x[:, t] = decay[:, t - 1, None] * x[:, t - 1] + drive[:, t - 1] + noise[:, t]
         states = torch.cat([torch.nn.functional.one_hot(pages, self.num_pages).float(), x], -1)
         chars = self.characteristics(group, offset, length, valid.float())
-        return {"states": states, "chars": chars, "starts": starts, "ends": ends, "valid": valid}
+        return {"states": states, "chars": chars, "starts": starts, "ends": ends, "valid": valid, **extra}
 
 
 class EpochBatches(IterableDataset):
@@ -303,6 +339,7 @@ class LeWorldDataModule(LightningDataModule):
         eval_memory: Literal["fresh", "same"] = "fresh",
         seed: int = 0,
         experience_file: str | None = None,
+        regime_switch_prob: float = 0.05,
     ) -> None:
         """
         Args:
@@ -313,7 +350,9 @@ class LeWorldDataModule(LightningDataModule):
             num_pages: Pages per group; the relevant range moves to the next page every step. Keep it >= seq_len - 1:
                 a range that comes back within a sequence leaks its content through the state's history.
             seq_len: States per sequence.
-            difficulty: ``easy`` / ``medium`` / ``hard``: 1 / 2 / 3 relevant memory ranges per sequence.
+            difficulty: ``easy`` / ``medium`` / ``hard``: 1 / 2 / 3 relevant memory ranges per sequence; ``latent``:
+                2, and a hidden regime picks the half of the page to read and the sign of the decay (the module
+                docstring; pair it with ``LeWorldSystem(slm_sees_past=False)``: configs/leworld/*_latent.yaml).
             population: How the memory is filled: ``random``, ``structured``, ``experience``, ``regions`` (the
                 seed's four regions) or ``experience_file`` (the states of ``experience_file``, one per word).
             decay: Decay of the continuous state per step.
@@ -332,6 +371,7 @@ class LeWorldDataModule(LightningDataModule):
             experience_file: JSONL file of states, ``{"state": [word_size numbers]}`` per line (with
                 ``population: experience_file`` only; a relative path is looked up in the working directory, then
                 in the repository root). The file is the only memory: it needs ``eval_memory: same``.
+            regime_switch_prob: Chance per step that ``latent``'s hidden regime flips (other difficulties: unused).
         """
         super().__init__()
         if seq_len < 3:
@@ -363,6 +403,7 @@ class LeWorldDataModule(LightningDataModule):
             flip_prob,
             seed,
             experience_file,
+            regime_switch_prob,
         )
         self._sets: dict[str, dict[str, Tensor]] = {}
 

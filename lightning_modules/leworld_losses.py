@@ -13,12 +13,34 @@ from torch import Tensor
 AUX_LOSSES = ("balance", "diversity", "entropy")
 
 
-def step_losses(step: dict, next_state: Tensor) -> dict[str, Tensor]:
-    """One step's next-state MSE, routing balance (CV^2 of usage), address diversity (chance two SLMs pick the same
-    start) and routing entropy (mean Bernoulli entropy of the gates)."""
+def routing_balance(usage: Tensor, need: Tensor | None = None) -> Tensor:
+    """Balance of per-SLM usage ``[M]`` against what the slots need.
+
+    ``need`` ``None``: the CV^2 of usage (every SLM equally used: 0), which switches on SLMs that no slot needs.
+    ``need [M]`` (the share of sequences in which each SLM's slot is relevant): ``M * sum_i (p_i - q_i)^2`` with the
+    usage shares ``p = usage / sum(usage)`` and the need shares ``q = need / sum(need)``: 0 when the needed SLMs share
+    the work in proportion to need and the unneeded ones are off. With a uniform ``need`` it equals the CV^2.
+    """
+    if need is None:
+        return usage.var(unbiased=False) / (usage.mean() ** 2 + 1e-8)
+    p = usage / (usage.sum() + 1e-8)
+    q = need.to(usage) / need.sum().clamp(min=1e-8)
+    return len(usage) * ((p - q) ** 2).sum()
+
+
+def slot_need(valid: Tensor, num_slms: int) -> Tensor:
+    """Per-SLM need ``[num_slms]``: the share of sequences in which slot ``i`` is relevant (``valid [B, slots]``; SLM
+    ``i`` serves slot ``i``, as Phase 1 trains it; SLMs beyond the slots are never needed)."""
+    need = valid.float().mean(0)[:num_slms]
+    return torch.cat([need, need.new_zeros(num_slms - len(need))])
+
+
+def step_losses(step: dict, next_state: Tensor, need: Tensor | None = None) -> dict[str, Tensor]:
+    """One step's next-state MSE, routing balance (:func:`routing_balance` against ``need``), address diversity
+    (chance two SLMs pick the same start) and routing entropy (mean Bernoulli entropy of the gates)."""
     probs = step["route_probs"] if step["route_probs"] is not None else step["mask"]
     usage = probs.float().mean(0)
-    balance = usage.var(unbiased=False) / (usage.mean() ** 2 + 1e-8)
+    balance = routing_balance(usage, need)
     p = probs.float().clamp(1e-6, 1 - 1e-6)
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
     hi = torch.softmax(step["slm"]["start_logits_high"].float(), -1)  # [B, M, H]
@@ -34,12 +56,15 @@ def step_losses(step: dict, next_state: Tensor) -> dict[str, Tensor]:
     }
 
 
-def sequence_losses(steps: list[dict], states: Tensor, weights: dict[str, float]) -> tuple[dict[str, Tensor], Tensor]:
+def sequence_losses(
+    steps: list[dict], states: Tensor, weights: dict[str, float], need: Tensor | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
     """Each term averaged over the steps of a rollout (``steps[t]`` predicts ``states[:, t + 1]``) and the total:
-    next-state MSE + ``weights[name]`` x each auxiliary term (``balance``, ``diversity``, ``entropy``)."""
+    next-state MSE + ``weights[name]`` x each auxiliary term (``balance`` against ``need``, ``diversity``,
+    ``entropy``)."""
     sums: dict[str, Tensor] = {}
     for t, step in enumerate(steps):
-        for name, value in step_losses(step, states[:, t + 1]).items():
+        for name, value in step_losses(step, states[:, t + 1], need).items():
             sums[name] = sums.get(name, 0.0) + value
     losses = {name: value / len(steps) for name, value in sums.items()}
     total = losses["next_state_loss"] + sum(weights.get(name, 0.0) * losses[f"{name}_loss"] for name in AUX_LOSSES)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
@@ -14,6 +16,7 @@ from lightning_modules.leworld_losses import (
     masked_mean,
     reinforce_loss,
     sequence_losses,
+    slot_need,
 )
 from models.leworld import InfoMode, LeWorldSystem
 
@@ -21,6 +24,17 @@ from models.leworld import InfoMode, LeWorldSystem
 def aux_weights(hparams) -> dict[str, float]:
     """Weights of the auxiliary losses of Phases 2 and 3 from their hyperparameters."""
     return {"balance": hparams.lambda_balance, "diversity": hparams.lambda_diversity, "entropy": hparams.lambda_entropy}
+
+
+def balance_need(hparams, batch: Batch, num_slms: int) -> Tensor | None:
+    """What the balance loss balances against: the slots' need (``balance_target: need``) or none (``uniform``)."""
+    return slot_need(batch["valid"], num_slms) if hparams.balance_target == "need" else None
+
+
+def check_balance_target(balance_target: str) -> None:
+    if balance_target not in ("need", "uniform"):
+        raise ValueError(f"unknown balance_target {balance_target!r}; expected 'need' or 'uniform'")
+
 
 class LeWorldPhase1(SystemModule):
     """Phase 1: pre-train the parts separately on ground truth.
@@ -77,8 +91,9 @@ class LeWorldPhase1(SystemModule):
         SLM's hidden state ``[B, num, d]``, detached (the BLM must not train the SLMs here)."""
         memory, num = self.system.memory, starts.shape[1]
         losses, correct, hiddens = [], [], []
+        slm_past = self.system.slm_past(past)
         for i, slm in enumerate(self.system.slms):
-            out = slm(past, current, chars)
+            out = slm(slm_past, current, chars)
             hiddens.append(out["hidden"].detach())
             if i >= num:
                 continue
@@ -125,6 +140,7 @@ class LeWorldPhase2(SystemModule):
         lambda_balance: float = 0.01,
         lambda_diversity: float = 0.001,
         lambda_entropy: float = 0.01,
+        balance_target: Literal["need", "uniform"] = "need",
         temp_anneal_rate: float = 3e-5,
         temp_min: float = 0.1,
         restart_steps: int = 50,
@@ -140,6 +156,8 @@ class LeWorldPhase2(SystemModule):
             lambda_balance: Weight of the routing balance loss (CV^2 of per-SLM usage).
             lambda_diversity: Weight of the address diversity loss (chance two SLMs pick the same start).
             lambda_entropy: Weight of the routing entropy (mean Bernoulli entropy of the gates).
+            balance_target: ``need``: balance usage against the share of sequences that need each SLM's slot, so
+                unneeded SLMs stay off; ``uniform``: the CV^2 of usage, which switches every SLM on (earlier runs).
             temp_anneal_rate: Router temperature ``max(temp_min, exp(-rate * step))``.
             temp_min: Lowest router temperature.
             restart_steps: Steps of the first cosine cycle (cycles double: warm restarts).
@@ -150,6 +168,7 @@ class LeWorldPhase2(SystemModule):
         super().__init__(system, optimizer, init_from, horizons, max_grad_norm)
         if min(lambda_balance, lambda_diversity, lambda_entropy, temp_anneal_rate) < 0:
             raise ValueError("loss weights and temp_anneal_rate must be >= 0")
+        check_balance_target(balance_target)
         if not 0 < temp_min <= 1 or restart_steps < 1:
             raise ValueError(f"need 0 < temp_min <= 1 and restart_steps >= 1, got {temp_min}, {restart_steps}")
         self.save_hyperparameters(ignore=["system", "optimizer"])
@@ -166,7 +185,8 @@ class LeWorldPhase2(SystemModule):
         hp = self.hparams
         self.system.blm.router.anneal_temperature(self.global_step, hp.temp_anneal_rate, hp.temp_min)
         out = self.system.multi_step_forward(batch["states"], batch["chars"], info=hp.info)
-        losses, total = sequence_losses(out["steps"], batch["states"], aux_weights(hp))
+        need = balance_need(hp, batch, self.system.num_slms)
+        losses, total = sequence_losses(out["steps"], batch["states"], aux_weights(hp), need)
         logs = {f"train/{k}": v.detach() for k, v in losses.items()}
         logs |= {
             "train/temperature": self.system.blm.router.temperature,
@@ -206,6 +226,7 @@ class LeWorldPhase3(SystemModule):
         lambda_balance: float = 0.01,
         lambda_diversity: float = 0.001,
         lambda_entropy: float = 0.01,
+        balance_target: Literal["need", "uniform"] = "need",
         baseline_momentum: float = 0.9,
         horizons: int = 4,
         max_grad_norm: float | None = 1.0,
@@ -223,6 +244,7 @@ class LeWorldPhase3(SystemModule):
             lambda_balance: Routing balance weight (as Phase 2).
             lambda_diversity: Address diversity weight (as Phase 2).
             lambda_entropy: Routing entropy weight (as Phase 2).
+            balance_target: What the balance loss balances against (as Phase 2).
             baseline_momentum: Momentum of the running reward baseline.
             horizons: Open-loop horizons evaluated.
             max_grad_norm: Clip the gradient's global norm.
@@ -230,6 +252,7 @@ class LeWorldPhase3(SystemModule):
         super().__init__(system, optimizer, init_from, horizons, max_grad_norm)
         if lr <= 0 or other_lr_scale < 0 or memory_lr_scale < 0 or lambda_info < 0:
             raise ValueError("lr must be positive; scales and lambda_info must be >= 0")
+        check_balance_target(balance_target)
         if not 0 <= baseline_momentum < 1:
             raise ValueError(f"baseline_momentum must be in [0, 1), got {baseline_momentum}")
         self.save_hyperparameters(ignore=["system", "optimizer"])
@@ -255,7 +278,8 @@ class LeWorldPhase3(SystemModule):
         states, chars = batch["states"], batch["chars"]
         generator = step_generator(self.sampling_seed, self.global_rank, self.global_step, device=states.device)
         with_info = self.system.multi_step_forward(states, chars, info="sample", generator=generator)
-        losses, total = sequence_losses(with_info["steps"], states, aux_weights(hp))
+        need = balance_need(hp, batch, self.system.num_slms)
+        losses, total = sequence_losses(with_info["steps"], states, aux_weights(hp), need)
         with torch.no_grad():
             without = self.system.multi_step_forward(states, chars, info="never")
         mse_without = without["sq_error"].mean(1)  # [B]

@@ -440,6 +440,7 @@ class LeWorldSystem(nn.Module):
         info_dim: int = 32,
         straight_through_reads: bool = True,
         blm_sees_slm_hidden: bool = True,
+        slm_sees_past: bool = True,
     ) -> None:
         """
         Args:
@@ -462,6 +463,8 @@ class LeWorldSystem(nn.Module):
             blm_sees_slm_hidden: Give the BLM's slot tokens the SLMs' hidden states (false: zeros; the router sees
                 them either way). The hidden state encodes the address, through which the BLM can memorise the
                 training memory's contents instead of reading them.
+            slm_sees_past: Give the SLMs the past state (false: zeros, so an SLM sees one state and cannot tell the
+                direction of a transition; the ``latent`` task's regime then reaches it only through the info query).
         """
         super().__init__()
         if num_slms < 1:
@@ -481,13 +484,18 @@ class LeWorldSystem(nn.Module):
         self.num_slms, self.state_dim, self.char_dim = num_slms, state_dim, char_dim
         self.straight_through_reads = straight_through_reads
         self.blm_sees_slm_hidden = blm_sees_slm_hidden
+        self.slm_sees_past = slm_sees_past
         self.read_impl: Literal["batched", "loop"] = "batched"
 
     # --- pieces -----------------------------------------------------------------------------------------------
+    def slm_past(self, past: Tensor) -> Tensor:
+        """The past state as the SLMs see it (zeros unless ``slm_sees_past``)."""
+        return past if self.slm_sees_past else torch.zeros_like(past)
+
     def _run_slms(
         self, past: Tensor, current: Tensor, chars: Tensor, info_query: Tensor | None, request: Tensor | None
     ) -> list[dict[str, Tensor]]:
-        outs = []
+        outs, past = [], self.slm_past(past)
         mod = None if info_query is None else self.info_to_slm(info_query)
         for slm in self.slms:
             m = mod
