@@ -51,7 +51,8 @@ def test_the_regime_shifts_the_offset_and_flips_the_decay():
     assert offset[:, :2].max() < REGIME_SHIFT  # slot 2 is not relevant: no code
     pages = data["states"][..., :4].argmax(-1)
     starts, ends = task.ranges(group, offset, length, pages, REGIME_SHIFT * regime)
-    assert torch.equal(starts[:, :, :2], data["starts"][:, :, :2]) and torch.equal(ends[:, :, :2], data["ends"][:, :, :2])
+    assert torch.equal(starts[:, :, :2], data["starts"][:, :, :2])
+    assert torch.equal(ends[:, :, :2], data["ends"][:, :, :2])
     other, _ = task.ranges(group, offset, length, pages, REGIME_SHIFT * (1 - regime))
     assert not torch.equal(other[:, :, :2], data["starts"][:, :, :2])
     # x_{t+1} = (1 - 2 r_t) 0.8 x_t + drive: without noise the drive is what is left after the signed decay.
