@@ -33,6 +33,7 @@ from models.lm_factory import build_tokenizer, load_tokenizer
 from models.lm_text import check_sequence_settings, encode_prompts, lm_batch
 
 POLICY_SUFFIX = "\nAction:"
+TINY_HELD_OUT_OFFSET = 10_007  # the tiny shop's held-out goals are drawn with the seed plus this
 REFLECT_SUFFIX = "\nReflect, then act:"
 
 
@@ -171,6 +172,11 @@ def iwm_examples(branches: list[Branch]) -> list[tuple[str, str]]:
     return transitions
 
 
+def alternative_examples(branches: list[Branch]) -> list[tuple[str, str]]:
+    """IWM examples of the alternatives only: what the K non-expert actions led to, without the expert's step."""
+    return [(world_model_prompt(b.observation, a), nxt) for b in branches for a, nxt in b.alternatives]
+
+
 def sr_examples(branches: list[Branch], rationale_fn=template_rationale) -> list[tuple[str, str]]:
     examples = []
     for b in branches:
@@ -219,7 +225,9 @@ class EarlyExperienceDataModule(LightningDataModule):
         branch_states: Literal["expert", "policy"] = "expert",
         detour_prob: float = 0.0,
         train_goals: int = 1000,
+        experience_goals: int | None = None,
         eval_goals: int = 50,
+        separate_test_goals: bool = False,
         iwm_steps: int = 200,
         sr_fraction: float = 0.5,
         rationale_source: Literal["template", "policy"] = "template",
@@ -247,9 +255,17 @@ class EarlyExperienceDataModule(LightningDataModule):
                 (start it from a trained policy with ``init_from``), and travel with checkpoints.
             detour_prob: Chance per state that the demonstrator takes one of the K alternatives and the expert
                 recovers from there (see :func:`collect_branches`); 0 gives pure expert trajectories.
-            train_goals: Goals whose expert rollouts make the training data.
+            train_goals: Goals whose expert rollouts make the training data (the expert data: IL, and SR, whose
+                rationales conclude for the expert action).
+            experience_goals: Goals whose expert states are branched for the IWM examples (``null``: the
+                ``train_goals``), so the early-experience data can grow while the expert data stays fixed. Past
+                the first ``train_goals`` goals IWM keeps only the K alternatives' transitions: no expert action
+                is trained on there.
             eval_goals: Goals per evaluation split (train, held_out, out_of_domain; the tiny shop has no
                 out-of-domain split).
+            separate_test_goals: Test plays the next ``eval_goals`` goals of the held-out and out-of-domain
+                splits instead of the validation goals, so a choice made on validation is judged on unseen goals
+                (the ``train`` split is the same).
             iwm_steps: Updates spent on IWM before imitation (``iwm_then_il``).
             sr_fraction: Share of SR examples in each batch (``sr``).
             rationale_source: ``template`` (built from the observed outcomes) or ``policy`` (written by the
@@ -275,6 +291,10 @@ class EarlyExperienceDataModule(LightningDataModule):
             raise ValueError(f"unknown recipe {recipe!r}; expected il, iwm_then_il or sr")
         if min(branches, train_goals, eval_goals, batch_size, eval_batch_size) < 1 or iwm_steps < 0:
             raise ValueError("branches, goals and batch sizes must be >= 1, iwm_steps >= 0")
+        if experience_goals is not None and experience_goals < train_goals:
+            raise ValueError(f"experience_goals ({experience_goals}) must be >= train_goals ({train_goals})")
+        if experience_goals is not None and (alternatives, branch_states) != ("random", "expert"):
+            raise ValueError("experience_goals applies to random alternatives at expert states only")
         if not 0.0 <= detour_prob < 1.0:
             raise ValueError(f"detour_prob must be in [0, 1), got {detour_prob}")
         if alternatives not in ("random", "policy_top_k") or branch_states not in ("expert", "policy"):
@@ -295,12 +315,19 @@ class EarlyExperienceDataModule(LightningDataModule):
 
     def _build(self) -> None:
         hp = self.hparams
-        self.eval_envs = make_envs(hp.env, hp.train_goals, hp.eval_goals, hp.seed)
+        pool_size = max(hp.train_goals, hp.experience_goals or 0)
+        self.eval_envs = make_envs(hp.env, pool_size, hp.eval_goals, hp.seed, eval_train_goals=hp.train_goals)
+        self.test_envs = (next_eval_envs(self.eval_envs, hp.env, hp.eval_goals, hp.seed) if hp.separate_test_goals
+                          else self.eval_envs)
+        pool = self.eval_envs.pop("_train_pool")
+        self.train_envs, self.experience_envs = pool[: hp.train_goals], pool[hp.train_goals :]
+        # The expert goals are branched first, so their branches are the same whatever experience_goals is.
         rng = random.Random(hp.seed)
-        self.train_envs = self.eval_envs.pop("_train_pool")
         self.branches = [b for env in self.train_envs for b in collect_branches(env, hp.branches, rng, hp.detour_prob)]
-        texts = [b.observation for b in self.branches] + [b.expert_next for b in self.branches]
-        texts += [a for b in self.branches for a, _ in b.alternatives] + [b.expert_action for b in self.branches]
+        self.experience_branches = [b for env in self.experience_envs for b in collect_branches(env, hp.branches, rng)]
+        everything = self.branches + self.experience_branches
+        texts = [b.observation for b in everything] + [b.expert_next for b in everything]
+        texts += [a for b in everything for a, _ in b.alternatives] + [b.expert_action for b in everything]
         self.tokenizer = (
             build_tokenizer(texts, hp.vocab_size, hp.tokenizer_cache, split_digits=hp.split_digits)
             if hp.tokenizer is None
@@ -313,7 +340,7 @@ class EarlyExperienceDataModule(LightningDataModule):
     def _encode_pools(self) -> None:
         self.pools = {
             "il": self.encode(il_examples(self.branches)),
-            "iwm": self.encode(iwm_examples(self.branches)),
+            "iwm": self.encode(iwm_examples(self.branches) + alternative_examples(self.experience_branches)),
             "sr": self.encode(sr_examples(self.branches)) if self.hparams.rationale_source == "template" else [],
         }
 
@@ -400,16 +427,16 @@ class EarlyExperienceDataModule(LightningDataModule):
         start = self.trainer.global_step if self.trainer is not None else 0
         return DataLoader(ExperienceStream(self, per_device, rank, start), batch_size=None)
 
-    def _episodes(self) -> DataLoader:
+    def _episodes(self, splits: dict[str, list[TextEnv]]) -> DataLoader:
         """``(split, env)`` batches dealt whole to the processes, none twice (placeholders are ``[]``)."""
-        items = [(split, env) for split, envs in self.eval_envs.items() for env in envs]
+        items = [(split, env) for split, envs in splits.items() for env in envs]
         return evaluation_loader(self, Chunks(items, self.hparams.eval_batch_size), empty=[])
 
     def val_dataloader(self) -> DataLoader:
-        return self._episodes()
+        return self._episodes(self.eval_envs)
 
     def test_dataloader(self) -> DataLoader:
-        return self._episodes()
+        return self._episodes(self.test_envs)
 
 
 class GoalStream(IterableDataset):
@@ -450,20 +477,36 @@ class EpisodeGoalsDataModule(EarlyExperienceDataModule):
         return DataLoader(GoalStream(self.train_envs, per_device, self.hparams.seed, rank, start), batch_size=None)
 
 
-def make_envs(env: str, train_goals: int, eval_goals: int, seed: int) -> dict[str, list[TextEnv]]:
-    """Environments per evaluation split, plus ``_train_pool``: the goals whose rollouts are the training data."""
+def make_envs(env: str, train_goals: int, eval_goals: int, seed: int,
+              eval_train_goals: int | None = None) -> dict[str, list[TextEnv]]:
+    """Environments per evaluation split, plus ``_train_pool``: the ``train_goals`` goals whose rollouts are the
+    training data; the ``train`` split is the first ``eval_goals`` of the first ``eval_train_goals`` (default: all)."""
+    shown = min(eval_goals, eval_train_goals or train_goals)
     if env == "tiny_shop":
-        pool = tiny_shop_goals(train_goals, seed)
         return {
-            "_train_pool": pool,
-            "train": tiny_shop_goals(eval_goals, seed),
-            "held_out": tiny_shop_goals(eval_goals, seed + 10_007),
+            "_train_pool": tiny_shop_goals(train_goals, seed),
+            "train": tiny_shop_goals(shown, seed),
+            "held_out": tiny_shop_goals(eval_goals, seed + TINY_HELD_OUT_OFFSET),
         }
     catalog = make_catalog(seed=seed)
     pool = [WebShopEnv(catalog, g) for g in make_goals(catalog, "train", train_goals, seed)]
     return {
         "_train_pool": pool,
-        "train": [WebShopEnv(catalog, g) for g in make_goals(catalog, "train", min(eval_goals, train_goals), seed)],
+        "train": [WebShopEnv(catalog, g) for g in make_goals(catalog, "train", shown, seed)],
         "held_out": [WebShopEnv(catalog, g) for g in make_goals(catalog, "held_out", eval_goals, seed)],
         "out_of_domain": [WebShopEnv(catalog, g) for g in make_goals(catalog, "out_of_domain", eval_goals, seed)],
+    }
+
+
+def next_eval_envs(validation: dict[str, list[TextEnv]], env: str, eval_goals: int,
+                   seed: int) -> dict[str, list[TextEnv]]:
+    """Test environments disjoint from the ``validation`` ones: the next ``eval_goals`` goals of each held-out
+    and out-of-domain split (goals within a split are distinct); the ``train`` split is kept."""
+    if env == "tiny_shop":
+        return {"train": validation["train"],
+                "held_out": tiny_shop_goals(2 * eval_goals, seed + TINY_HELD_OUT_OFFSET)[eval_goals:]}
+    catalog = make_catalog(seed=seed)
+    return {"train": validation["train"]} | {
+        split: [WebShopEnv(catalog, g) for g in make_goals(catalog, split, 2 * eval_goals, seed)[eval_goals:]]
+        for split in ("held_out", "out_of_domain")
     }

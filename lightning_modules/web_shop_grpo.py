@@ -33,8 +33,8 @@ from models.lm_factory import LMSettings
 from models.lm_text import encode_prompts, pad, pad_with_mask
 
 # The data settings the trained tokenizer (and so the meaning of the checkpoint's embeddings) depends on.
-TOKENIZER_SETTINGS = ("env", "seed", "train_goals", "branches", "detour_prob", "tokenizer", "vocab_size",
-                      "split_digits")
+TOKENIZER_SETTINGS = ("env", "seed", "train_goals", "experience_goals", "branches", "detour_prob", "tokenizer",
+                      "vocab_size", "split_digits")
 
 
 class WebShopGRPO(EpisodeAgent, GRPO):

@@ -379,3 +379,41 @@ def test_policy_written_rationales_are_filtered_and_travel_with_checkpoints(tmp_
     assert restored.pools["sr"] == data.pools["sr"] and restored.reflection_requests() == []
     with pytest.raises(ValueError, match="no policy-written rationale"):
         restored.set_policy_rationales(["Best: wait."] * len(rationales))
+
+
+def test_experience_goals_grow_iwm_alone_and_keep_the_expert_data(cache):
+    small = dict(env="web_shop", train_goals=4, eval_goals=3, vocab_size=300, tokenizer_cache=cache)
+    plain = EarlyExperienceDataModule(**small)
+    grown = EarlyExperienceDataModule(**small, experience_goals=10)
+    assert [e.goal for e in grown.train_envs] == [e.goal for e in plain.train_envs]  # GRPO plays these
+    assert len(grown.experience_envs) == 6 and plain.experience_envs == []
+    assert grown.branches == plain.branches  # the expert's goals are branched first: the same data
+    extra = grown.experience_branches
+    assert [e.goal for e in grown.experience_envs] == [g for g in make_goals(make_catalog(), "train", 10)[4:]]
+    # IL and SR come from the expert goals only; IWM adds the alternatives' transitions of the others, and no
+    # expert action (or expert next page) of those goals.
+    with_alternatives = iwm_examples(plain.branches) + [
+        (world_model_prompt(b.observation, a), nxt) for b in extra for a, nxt in b.alternatives]
+    assert grown.pools["iwm"] == grown.encode(with_alternatives)
+    assert grown.pools["il"] == grown.encode(il_examples(plain.branches))  # (its tokenizer saw more text)
+    assert grown.pools["sr"] == grown.encode(sr_examples(plain.branches))
+    assert len(grown.pools["iwm"]) == len(plain.pools["iwm"]) + sum(len(b.alternatives) for b in extra)
+    assert all(world_model_prompt(b.observation, b.expert_action) not in {p for p, _ in with_alternatives}
+               for b in extra if b.expert_action not in [a for a, _ in b.alternatives])
+    with pytest.raises(ValueError, match="experience_goals"):
+        EarlyExperienceDataModule(**small, experience_goals=3)
+
+
+def test_separate_test_goals_are_the_next_goals_of_each_split(cache):
+    small = dict(env="web_shop", train_goals=4, eval_goals=3, vocab_size=300, tokenizer_cache=cache)
+    same = EarlyExperienceDataModule(**small)
+    data = EarlyExperienceDataModule(**small, separate_test_goals=True)
+    assert same.test_envs is same.eval_envs
+    catalog = make_catalog()
+    for split in ("held_out", "out_of_domain"):
+        assert [e.goal for e in data.eval_envs[split]] == make_goals(catalog, split, 3)
+        assert [e.goal for e in data.test_envs[split]] == make_goals(catalog, split, 6)[3:]
+    assert data.test_envs["train"] is data.eval_envs["train"]
+    tested = [(split, env.goal) for batch in data.test_dataloader() for split, env in batch]
+    validated = [(split, env.goal) for batch in data.val_dataloader() for split, env in batch]
+    assert len(tested) == len(validated) == 9 and len(set(tested) & set(validated)) == 3  # the train split only
