@@ -211,7 +211,7 @@ def band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[float],
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Left: held-out test success vs expert goals per recipe (mean, min-max band over seeds). Right: GRPO's
+    """Left: held-out test success vs expert goals per recipe (mean, min-max bars over seeds). Right: GRPO's
     validation held-out success over its updates from each start (mean, min-max band)."""
     import matplotlib
 
@@ -222,10 +222,13 @@ def plot(runs: list[dict], path: Path) -> None:
     for recipe, cells in summarise(runs)["ee"].items():
         sizes = sorted(cells)
         mean, low, high = ([cells[g]["held_out"][k] for g in sizes] for k in ("mean", "min", "max"))
-        left.plot(sizes, mean, marker="o", label=recipe)
-        left.fill_between(sizes, low, high, alpha=0.2)
+        spread = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
+        left.errorbar(sizes, mean, yerr=spread, marker="o", capsize=4, label=recipe)
+    sizes = sorted({r["expert_goals"] for r in runs if r["stage"] == "ee"})
     left.set(xscale="log", xlabel="expert goals (IL data)", ylabel="held-out success (test)",
              title="success vs expert data (min-max over seeds)")
+    left.set_xticks(sizes, [str(g) for g in sizes], minor=False)
+    left.minorticks_off()
     for start in dict.fromkeys(r["start"] for r in runs if r["stage"] == "grpo"):
         steps, mean, low, high = band([r["val_success"]["held_out"] for r in runs
                                        if r["stage"] == "grpo" and r["start"] == start])
@@ -233,6 +236,7 @@ def plot(runs: list[dict], path: Path) -> None:
         right.fill_between(steps, low, high, alpha=0.2)
     right.set(xlabel="GRPO update", ylabel="held-out success (validation)", title="GRPO after early experience")
     for axis in (left, right):
+        axis.set_ylim(-0.03, 1.03)
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend()
