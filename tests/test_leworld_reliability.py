@@ -111,14 +111,20 @@ def test_init_from_a_checkpoint_of_another_size_names_the_file_and_the_first_mis
 # --- checkpoints of another phase or run ------------------------------------------------------------------------
 def tiny_args(config: str) -> list[str]:
     """Command-line overrides that shrink a LeWorld config's data and model."""
-    args = [f"--data.init_args.{k}={v}" for k, v in TINY_DATA.items()]
-    if config in ("no_memory.yaml", "oracle.yaml"):
+    data = dict(TINY_DATA)
+    if "latent" in config:  # what the overlay is about stays
+        data.pop("difficulty")
+    if config == "fill_experience_file.yaml":  # the shipped file's 256 states of 32 numbers fix the memory's shape
+        data.update(word_size=32, num_pages=8)
+    args = [f"--data.init_args.{k}={v}" for k, v in data.items()]
+    if config.startswith(("no_memory", "oracle")):  # the baselines (and their overlays) have a BLM, no system
         args += [f"--model.init_args.blm.init_args.{k}={v}" for k, v in TINY_BLM.items()]
-        if config == "oracle.yaml":
+        if config.startswith("oracle"):
             args += [f"--model.init_args.memory.init_args.{k}={v}"
                      for k, v in dict(num_words=256, word_size=8, max_read_range=16, d_read=8).items()]
     else:
-        args += [f"--model.init_args.system.init_args.{k}={v}" for k, v in TINY_SYSTEM.items()]
+        system = TINY_SYSTEM | ({"word_size": 32, "max_read_range": 8} if config == "fill_experience_file.yaml" else {})
+        args += [f"--model.init_args.system.init_args.{k}={v}" for k, v in system.items()]
     return args + ["--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
                    "--trainer.enable_model_summary=false", "--trainer.logger=false"]
 
