@@ -17,13 +17,16 @@ from tests.conftest import REPO
 # holds model overlays for a system's phases: the system's tests stack them on its configs.
 EXPERIMENT_CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml")
                             if p.parent.name not in ("trainer", "logger", "tuning", "models"))
+# The original-size LeWorld models take most of this test's time; they run with -m slow.
+EXPERIMENT_RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "seed_size" else p
+                   for p in EXPERIMENT_CONFIGS]
 
 
 def cli(*args):
     return main(list(args))
 
 
-@pytest.mark.parametrize("config", EXPERIMENT_CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
+@pytest.mark.parametrize("config", EXPERIMENT_RUNS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_every_experiment_config_runs_fast_dev_run(config, in_tmp):
     run = cli("fit", "--config", str(config), "--trainer.fast_dev_run", "true")
     assert run.trainer.state.finished
