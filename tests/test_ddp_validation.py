@@ -55,7 +55,7 @@ SYSTEMS = {
 }
 # Two fits (reward model, policy) and sampled generations: about a minute each; and, to keep the default run short,
 # the cases whose evaluation code the default ones share (the metric objects of SFT, the episodes of agentic GRPO).
-SLOW = {"ppo", "dpo", "grpo", "reward_model", "agentic_sft", "early_experience"}
+SLOW = {"ppo", "dpo", "grpo", "reward_model", "agentic_sft", "agentic_grpo", "early_experience", "leworld"}
 NEEDS_REWARD_MODEL = {"ppo", "dpo", "grpo"}
 
 

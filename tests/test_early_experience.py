@@ -314,6 +314,7 @@ def _fit_tiny_shop(folder, *extra):
     return [torch.load(p, weights_only=True) for p in sorted(out.glob("rank*.pt"))]
 
 
+@pytest.mark.slow  # three runs in subprocesses
 def test_resume_from_a_checkpoint_continues_exactly(tmp_path):
     (full,) = _fit_tiny_shop(tmp_path / "full", "--trainer.max_steps", "6")
     (_,) = _fit_tiny_shop(tmp_path / "half", "--trainer.max_steps", "3")
@@ -342,6 +343,7 @@ def test_learning_rate_follows_warmup_then_cosine(tmp_path):
     assert logged == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow  # two processes
 def test_ddp_on_two_cpu_processes_keeps_ranks_identical(tmp_path):
     rank0, rank1 = _fit_tiny_shop(
         tmp_path / "ddp", "--config", str(REPO / "configs/trainer/ddp_cpu.yaml"), "--trainer.max_steps", "3"
