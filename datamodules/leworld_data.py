@@ -48,7 +48,7 @@ holds them all.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -68,7 +68,7 @@ from models.leworld import address_split, centered_prefix, prefix_range_mean
 
 Difficulty = Literal["easy", "medium", "hard", "latent"]
 Population = Literal["random", "structured", "experience", "regions", "experience_file"]
-POPULATIONS = ("random", "structured", "experience", "regions", "experience_file")
+POPULATIONS = get_args(Population)
 NUM_RELEVANT = {"easy": 1, "medium": 2, "hard": 3, "latent": 2}
 MAX_SLOTS = 3
 OFFSETS, LENGTHS = 8, 4

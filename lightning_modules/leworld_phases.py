@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,11 @@ def balance_need(hparams, batch: Batch, num_slms: int) -> Tensor | None:
     return slot_need(batch["valid"], num_slms) if hparams.balance_target == "need" else None
 
 
+BalanceTarget = Literal["need", "uniform"]
+
+
 def check_balance_target(balance_target: str) -> None:
-    if balance_target not in ("need", "uniform"):
+    if balance_target not in get_args(BalanceTarget):
         raise ValueError(f"unknown balance_target {balance_target!r}; expected 'need' or 'uniform'")
 
 
@@ -140,7 +143,7 @@ class LeWorldPhase2(SystemModule):
         lambda_balance: float = 0.01,
         lambda_diversity: float = 0.001,
         lambda_entropy: float = 0.01,
-        balance_target: Literal["need", "uniform"] = "need",
+        balance_target: BalanceTarget = "need",
         temp_anneal_rate: float = 3e-5,
         temp_min: float = 0.1,
         restart_steps: int = 50,
@@ -226,7 +229,7 @@ class LeWorldPhase3(SystemModule):
         lambda_balance: float = 0.01,
         lambda_diversity: float = 0.001,
         lambda_entropy: float = 0.01,
-        balance_target: Literal["need", "uniform"] = "need",
+        balance_target: BalanceTarget = "need",
         baseline_momentum: float = 0.9,
         horizons: int = 4,
         max_grad_norm: float | None = 1.0,
