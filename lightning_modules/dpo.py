@@ -17,10 +17,10 @@ from torchmetrics import MeanMetric
 
 from lightning_modules.policy_rl import PolicyRL
 from models.lm_factory import LMSettings, LoraSettings
-from models.lm_text import completion_logprobs
+from models.lm_text import IGNORE_INDEX, completion_logprobs
 
 PAIR_METRICS = {"loss": "loss", "chosen": "rewards/chosen", "rejected": "rewards/rejected",
-                "margin": "rewards/margin", "accuracy": "rewards/accuracy"}  # metric -> logged name
+                "margin": "rewards/margin", "accuracy": "rewards/accuracy", "nll": "chosen_nll"}  # metric -> logged
 
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
@@ -53,7 +53,8 @@ class DPO(PolicyRL):
     Logged metrics: ``train/loss``, ``train/rewards/chosen`` and ``train/rewards/rejected`` (mean implicit reward
     ``beta * (log pi - log pi_ref)`` of the chosen / rejected completions), ``train/rewards/margin`` (chosen -
     rejected), ``train/rewards/accuracy`` (share of pairs whose chosen reward is the higher; 0 at the start, where
-    policy = reference and both are 0); the same under ``val/`` and ``test/`` over the split's pairs, and there also
+    policy = reference and both are 0), ``train/chosen_nll`` (the chosen completion's per-token negative
+    log-likelihood under the policy: rising means the margin grows by making good text less likely); the same under ``val/`` and ``test/`` over the split's pairs, and there also
     those of ``PolicyRL`` (``val/win_rate`` over the reference judged by the reward model, ``val/kl``, the gold
     judge's ``val/gold_win_rate``, ...).
     """
@@ -63,6 +64,7 @@ class DPO(PolicyRL):
         lm: LMSettings = LMSettings(lora=LoraSettings(r=16, alpha=32.0)),
         beta: float = 0.1,
         label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
         **kwargs,
     ) -> None:
         """
@@ -71,9 +73,12 @@ class DPO(PolicyRL):
             beta: Scale of the implicit reward ``beta * (log pi - log pi_ref)``; larger keeps the policy nearer its
                 reference.
             label_smoothing: Share of pairs assumed mislabelled (conservative DPO), in [0, 0.5).
+            sft_weight: Weight of the chosen completion's per-token negative log-likelihood added to each pair's
+                loss (RPO; TRL's ``rpo_alpha``), so the margin cannot grow by lowering the chosen likelihood too.
         """
-        if beta <= 0 or not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got {beta}, {label_smoothing}")
+        if beta <= 0 or not 0.0 <= label_smoothing < 0.5 or sft_weight < 0:
+            raise ValueError(f"need beta > 0, 0 <= label_smoothing < 0.5 and sft_weight >= 0, got {beta}, "
+                             f"{label_smoothing}, {sft_weight}")
         super().__init__(lm=lm, **kwargs)
         self.train_pairs, self.val_pairs, self.test_pairs = pair_metrics(), pair_metrics(), pair_metrics()
 
@@ -84,15 +89,20 @@ class DPO(PolicyRL):
             reference = self._reference_forward(completion_logprobs, *args)
         return completion_logprobs(self.lm, *args), reference
 
-    def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-pair loss and implicit rewards of the chosen and the rejected completions."""
+    def model_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-pair loss, implicit rewards of the chosen and the rejected completions, and the chosen completion's
+        per-token negative log-likelihood (its weighted term is in the loss)."""
         policy, reference = self.pair_logprobs(batch)
-        return dpo_loss(*policy.chunk(2), *reference.chunk(2), self.hparams.beta, self.hparams.label_smoothing)
+        loss, chosen, rejected = dpo_loss(*policy.chunk(2), *reference.chunk(2), self.hparams.beta,
+                                          self.hparams.label_smoothing)
+        chosen_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0].clamp_min(1)
+        nll = -policy.chunk(2)[0] / chosen_tokens
+        return loss + self.hparams.sft_weight * nll, chosen, rejected, nll.detach()
 
     def _pair_step(self, batch: dict[str, Tensor], stage: str, metrics: nn.ModuleDict) -> Tensor:
-        loss, chosen, rejected = self.model_step(batch)
+        loss, chosen, rejected, nll = self.model_step(batch)
         values = {"loss": loss.detach(), "chosen": chosen, "rejected": rejected, "margin": chosen - rejected,
-                  "accuracy": (chosen > rejected).float()}
+                  "accuracy": (chosen > rejected).float(), "nll": nll}
         for name, value in values.items():
             metrics[name](value)  # called, not updated: a training step also logs the batch's value
         self._log_pairs(stage, metrics, len(loss))

@@ -62,6 +62,8 @@ def test_label_smoothing_mixes_the_loss_of_the_flipped_label():
         DPO(label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta"):
         DPO(beta=0.0)
+    with pytest.raises(ValueError, match="sft_weight"):
+        DPO(sft_weight=-1.0)
 
 
 # --- data -----------------------------------------------------------------------------------------------------
@@ -106,15 +108,15 @@ def test_one_dpo_step_raises_the_margin_and_leaves_the_reference(pairs, lora_r):
     module = _dpo(pairs, lora_r=lora_r, beta=0.1)
     batch = next(iter(pairs.train_dataloader()))
     with torch.no_grad():
-        _, chosen, rejected = module.model_step(batch)
+        _, chosen, rejected, _ = module.model_step(batch)
         reference_before = module.pair_logprobs(batch)[1]
     assert torch.equal(chosen, torch.zeros_like(chosen)) and torch.equal(rejected, torch.zeros_like(rejected))
     optimizer = torch.optim.SGD(module.trainable_parameters(), lr=0.5 if lora_r else 0.05)
-    loss, _, _ = module.model_step(batch)
+    loss, _, _, _ = module.model_step(batch)
     loss.mean().backward()
     optimizer.step()
     with torch.no_grad():
-        loss_after, chosen, rejected = module.model_step(batch)
+        loss_after, chosen, rejected, _ = module.model_step(batch)
         reference_after = module.pair_logprobs(batch)[1]
     assert (chosen - rejected).mean() > 0 and loss_after.mean() < loss.mean()
     assert torch.equal(reference_after, reference_before)  # the SFT model (adapter off / frozen copy) did not move
@@ -131,3 +133,31 @@ def test_dpo_config_parses_and_holds_the_class_defaults(capsys):
     assert differences(config["model"]["init_args"], class_defaults(DPO), "model.") == []
     assert differences(config["data"]["init_args"], class_defaults(PreferencePromptDataModule), "data.") == []
     assert resolved["model"]["init_args"]["beta"] == DPO().hparams.beta == 0.1
+
+
+
+def _chosen_rise_after_one_step(pairs, batch, sft_weight: float) -> float:
+    """Mean change of the chosen completions' summed log-prob after one SGD step from a fresh LoRA (seed 0)."""
+    torch.manual_seed(0)
+    module = _dpo(pairs, beta=0.1, sft_weight=sft_weight)
+    with torch.no_grad():
+        before = module.pair_logprobs(batch)[0].chunk(2)[0]
+    optimizer = torch.optim.SGD(module.trainable_parameters(), lr=0.5)
+    module.model_step(batch)[0].mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        return (module.pair_logprobs(batch)[0].chunk(2)[0] - before).mean().item()
+
+
+def test_sft_weight_adds_the_chosen_per_token_nll_and_its_gradient_raises_the_chosen_likelihood(pairs):
+    module = _dpo(pairs, beta=0.1, sft_weight=0.5)
+    batch = next(iter(pairs.train_dataloader()))
+    with torch.no_grad():
+        policy, reference = module.pair_logprobs(batch)
+        loss, _, _, nll = module.model_step(batch)
+    chosen_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)[: len(policy) // 2]
+    plain = dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=0.1)[0]
+    assert torch.allclose(nll, -policy.chunk(2)[0] / chosen_tokens)  # by hand: summed log-prob / its tokens
+    assert torch.allclose(loss, plain + 0.5 * nll, atol=1e-6)
+    # the NLL term's gradient adds to DPO's: the same first step raises the chosen likelihood more with it
+    assert _chosen_rise_after_one_step(pairs, batch, 1.0) > _chosen_rise_after_one_step(pairs, batch, 0.0)
