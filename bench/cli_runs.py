@@ -107,7 +107,7 @@ class PPORollouts(Callback):
         self.policy_kl_max = float("nan")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._samples = not pl_module._queue  # PPO samples a rollout when no minibatch of the last one is left
+        self._samples = pl_module.iteration.done  # PPO samples a rollout when no minibatch of the last one is left
         self._rollbacks, self._step = int(pl_module.rollback_count), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

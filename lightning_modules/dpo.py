@@ -54,9 +54,9 @@ class DPO(PolicyRL):
     ``beta * (log pi - log pi_ref)`` of the chosen / rejected completions), ``train/rewards/margin`` (chosen -
     rejected), ``train/rewards/accuracy`` (share of pairs whose chosen reward is the higher; 0 at the start, where
     policy = reference and both are 0), ``train/chosen_nll`` (the chosen completion's per-token negative
-    log-likelihood under the policy: rising means the margin grows by making good text less likely); the same under ``val/`` and ``test/`` over the split's pairs, and there also
-    those of ``PolicyRL`` (``val/win_rate`` over the reference judged by the reward model, ``val/kl``, the gold
-    judge's ``val/gold_win_rate``, ...).
+    log-likelihood under the policy: rising means the margin grows by making good text less likely); the same under
+    ``val/`` and ``test/`` over the split's pairs, and there also those of ``PolicyRL`` (``val/win_rate`` over the
+    reference judged by the reward model, ``val/kl``, the gold judge's ``val/gold_win_rate``, ...).
     """
 
     def __init__(

@@ -18,15 +18,14 @@ picks one of the page's candidate actions) also overrides ``sequence_logprobs``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from datamodules.distributed import per_device_batch, step_generator
+from datamodules.distributed import step_generator
 from lightning_modules.lm_phase import check_settings
-from lightning_modules.policy_rl import PolicyRL
-from lightning_modules.rl import group_advantages, grpo_loss, kl_k3, minibatch_indices, shaped_scores
+from lightning_modules.policy_rl import PolicyRL, RolloutIteration
+from lightning_modules.rl import group_advantages, grpo_loss, kl_k3, shaped_scores
 from models.lm_factory import LMSettings, LoraSettings
 from models.lm_rollout import response_logprobs
 
@@ -120,18 +119,7 @@ class GRPO(PolicyRL):
         super().__init__(lm=lm, **kwargs)
         self.automatic_optimization = False
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
-        self._queue: list[Tensor] = []
-        self._buffer: dict[str, Tensor] | None = None
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        # The iteration in progress, so a run resumed mid-iteration takes the same minibatches from the same rollout.
-        checkpoint["grpo_iteration"] = {"buffer": self._buffer, "queue": list(self._queue)}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        iteration = checkpoint.get("grpo_iteration", {})
-        self._buffer, self._queue = iteration.get("buffer"), list(iteration.get("queue", []))
+        self.iteration = RolloutIteration()
 
     # --- acting -----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -197,22 +185,18 @@ class GRPO(PolicyRL):
                          hp.clip_range, kl_coef)
 
     def _start_iteration(self, batch: dict[str, Tensor]) -> None:
-        hp = self.hparams
-        self._buffer, logs = self.collect(batch)
-        n = len(self._buffer["ids"])
-        size = per_device_batch(self, hp.minibatch_size)[0]  # the module knows its trainer as a DataModule does
+        buffer, logs = self.collect(batch)
+        n = len(buffer["ids"])
         # The same order on every rank; each rank shuffles its own rollout.
-        generator = step_generator(self.sampling_seed, step=self.global_step, attempt=1)
-        self._queue = minibatch_indices(n, size, hp.ppo_epochs, generator)
+        self.start_iteration(buffer, step_generator(self.sampling_seed, step=self.global_step, attempt=1))
         self.log("train/reward", logs.pop("train/reward"), prog_bar=True, batch_size=n)
         self.log_dict(logs, batch_size=n)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        if not self._queue:
+        if self.iteration.done:
             self._start_iteration(batch)
-        index = self._queue.pop(0)
-        mb = {k: v[index].to(self.device) for k, v in self._buffer.items() if v.dim() > 0}
-        losses = self.grpo_losses(mb, int(self._buffer["start"]))
+        index, mb = self.iteration.next(self.device)
+        losses = self.grpo_losses(mb, int(self.iteration.buffer["start"]))
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(losses["loss"])

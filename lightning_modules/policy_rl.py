@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.text import BLEUScore, Perplexity, ROUGEScore
 
-from datamodules.distributed import global_batch_index
+from datamodules.distributed import global_batch_index, per_device_batch
 from envs.story_judge import gold_score
 from lightning_modules.lm_phase import LMPhase, checkpoint_lm_settings, load_phase_checkpoint
+from lightning_modules.rl import minibatch_indices
 from models.lm_rollout import RewardModel, distinct_n, response_logprobs
 from models.lm_text import IGNORE_INDEX, lm_batch, sample
 
@@ -88,6 +89,48 @@ class GenerationMetrics(nn.Module):
         self.texts = []
 
 
+class RolloutIteration:
+    """The rollout an on-policy method (PPO, GRPO) is taking minibatches from, and the minibatches left.
+
+    It is saved with checkpoints (``PolicyRL.on_save_checkpoint``), so that a run resumed mid-iteration takes the
+    same minibatches from the same rollout as the uninterrupted run."""
+
+    def __init__(self) -> None:
+        self.buffer: dict[str, Tensor] | None = None
+        self.queue: list[Tensor] = []
+        self.total = 0  # minibatches of the iteration in progress
+
+    def start(self, buffer: dict[str, Tensor], size: int, epochs: int, generator: torch.Generator) -> None:
+        """``epochs`` shuffled passes over the rollout's sequences (``buffer["ids"]``) in minibatches of ``size``."""
+        self.buffer, self.queue = buffer, minibatch_indices(len(buffer["ids"]), size, epochs, generator)
+        self.total = len(self.queue)
+
+    @property
+    def done(self) -> bool:
+        return not self.queue
+
+    @property
+    def taken(self) -> int:
+        """Minibatches of this iteration taken so far (the one being trained on included)."""
+        return self.total - len(self.queue)
+
+    def next(self, device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
+        """The next minibatch's indices and its per-sequence tensors (those of the buffer with a sequence axis)."""
+        index = self.queue.pop(0)
+        return index, {k: v[index].to(device) for k, v in self.buffer.items() if v.dim() > 0}
+
+    def clear(self) -> None:
+        """Drop the rest of the iteration: the next training step samples a new rollout."""
+        self.buffer, self.queue, self.total = None, [], 0
+
+    def state(self) -> dict[str, Any]:
+        return {"buffer": self.buffer, "queue": list(self.queue), "total": self.total}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.buffer, self.queue = state.get("buffer"), list(state.get("queue", []))
+        self.total = state.get("total", len(self.queue))  # older checkpoints: counted from the minibatches left
+
+
 class PolicyRL(LMPhase):
     """An LM policy, its reference and a frozen reward model; validation and test compare policy and reference.
 
@@ -128,6 +171,7 @@ class PolicyRL(LMPhase):
         self.reward_model: RewardModel | None = None
         self.reference: nn.Module | None = None
         self.val_metrics, self.test_metrics = GenerationMetrics(), GenerationMetrics()
+        self.iteration: RolloutIteration | None = None  # the on-policy methods' (PPO, GRPO) rollout in progress
 
     # --- building ---------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -162,6 +206,8 @@ class PolicyRL(LMPhase):
         # The frozen reward model and reference are rebuilt from their own checkpoints.
         for key in [k for k in checkpoint["state_dict"] if k.startswith(("reward_model.", "reference."))]:
             del checkpoint["state_dict"][key]
+        if self.iteration is not None:
+            checkpoint["rollout_iteration"] = self.iteration.state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -169,6 +215,15 @@ class PolicyRL(LMPhase):
         for key in state:
             if key.startswith(("reward_model.", "reference.")):
                 checkpoint["state_dict"][key] = state[key]
+        if self.iteration is not None:  # none in checkpoints of earlier versions: the old keys, or a fresh iteration
+            old = checkpoint.get("ppo_iteration") or checkpoint.get("grpo_iteration") or {}
+            self.iteration.load(checkpoint.get("rollout_iteration", old))
+
+    def start_iteration(self, buffer: dict[str, Tensor], generator: torch.Generator) -> None:
+        """Start an iteration of ``ppo_epochs`` passes over the rollout in minibatches of ``minibatch_size``
+        sequences over all devices (each device takes its share from its own rollout)."""
+        size = per_device_batch(self, self.hparams.minibatch_size)[0]  # the module knows its trainer as a DataModule
+        self.iteration.start(buffer, size, self.hparams.ppo_epochs, generator)
 
     # --- acting -----------------------------------------------------------------------------------------------
     def _reference_forward(self, fn, *args) -> Any:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from datamodules.distributed import step_generator
 from lightning_modules.grpo import GroupRollout
 from lightning_modules.lm_phase import check_settings
-from lightning_modules.policy_rl import PolicyRL
+from lightning_modules.policy_rl import PolicyRL, RolloutIteration
 from lightning_modules.rl import (
     clipped_policy_loss,
     clipped_value_loss,
@@ -28,7 +28,6 @@ from lightning_modules.rl import (
     kl_k3,
     masked_mean,
     masked_normalize,
-    minibatch_indices,
     shaped_scores,
 )
 from models.lm_factory import LMSettings, LoraSettings
@@ -99,7 +98,7 @@ class PPORLHF(PolicyRL):
         Args:
             lm: The policy (see ``LMPhase``): a LoRA adapter on the SFT model by default.
             ppo_epochs: Passes over each rollout batch.
-            minibatch_size: Responses per optimiser step (per device).
+            minibatch_size: Responses per optimiser step, summed over all devices.
             gamma: Discount over response tokens.
             gae_lambda: GAE bias/variance trade-off (1: the end-of-sequence score reaches every token undiscounted).
             clip_range: PPO policy ratio clip.
@@ -147,8 +146,7 @@ class PPORLHF(PolicyRL):
         self.register_buffer("sampling_seed", torch.randint(0, 2**31 - 1, ()))
         self.register_buffer("rollback_count", torch.tensor(0))  # all rollbacks so far; also varies the sampling
         self.value_head: ScalarHead | None = None
-        self._queue: list[Tensor] = []
-        self._buffer: dict[str, Tensor] | None = None
+        self.iteration = RolloutIteration()
         self._accepted: deque[tuple[dict, dict]] = deque(maxlen=max_rollbacks)  # (weights, optimiser) to return to
         self.rollbacks = 0
 
@@ -159,18 +157,16 @@ class PPORLHF(PolicyRL):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        # The iteration in progress, so a run resumed mid-iteration takes the same minibatches from the same rollout.
-        checkpoint["ppo_iteration"] = {"buffer": self._buffer, "queue": list(self._queue),
-                                       "accepted": list(self._accepted), "rollbacks": self.rollbacks}
+        # The KL guard's policies to return to, so a resumed run rolls back as the uninterrupted one would.
+        checkpoint["ppo_guard"] = {"accepted": list(self._accepted), "rollbacks": self.rollbacks}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         checkpoint["state_dict"].setdefault("rollback_count", torch.tensor(0))  # saved before the KL guard existed
-        iteration = checkpoint.get("ppo_iteration", {})  # none in checkpoints of earlier versions: a fresh iteration
-        self._buffer, self._queue = iteration.get("buffer"), list(iteration.get("queue", []))
+        guard = checkpoint.get("ppo_guard", checkpoint.get("ppo_iteration", {}))  # the older key, or none
         self._accepted.clear()
-        self._accepted.extend(iteration.get("accepted", []))
-        self.rollbacks = iteration.get("rollbacks", 0)
+        self._accepted.extend(guard.get("accepted", []))
+        self.rollbacks = guard.get("rollbacks", 0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in [*self.lm.parameters(), *self.value_head.parameters()] if p.requires_grad]
@@ -268,11 +264,11 @@ class PPORLHF(PolicyRL):
                  copy.deepcopy(self.optimizers().optimizer.state_dict()))
         if not self._accepted:  # the first iteration (or the first after a resume) starts from an accepted policy
             self._accepted.append(state)
-        self._buffer = self.collect(batch)
-        n = len(self._buffer["ids"])
-        kl = self._reduce(self._buffer["kl"].mean())
+        buffer = self.collect(batch)
+        n = len(buffer["ids"])
+        kl = self._reduce(buffer["kl"].mean())
         self.log("train/kl", kl, batch_size=n)
-        if not all(torch.isfinite(self._buffer[k]).all() for k in ("logprobs", "values", "advantages", "rewards")):
+        if not all(torch.isfinite(buffer[k]).all() for k in ("logprobs", "values", "advantages", "rewards")):
             self._rollback("non-finite rollout")
             return False
         if hp.max_kl is not None and kl > hp.max_kl:
@@ -280,15 +276,14 @@ class PPORLHF(PolicyRL):
             return False
         if self._accepted[-1] is not state:
             self._accepted.append(state)
-        generator = torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step)
-        self._queue = minibatch_indices(n, hp.minibatch_size, hp.ppo_epochs, generator)
+        self.start_iteration(buffer, torch.Generator().manual_seed(int(self.sampling_seed) + self.global_step))
         if hp.kl_target is not None:
             controller = AdaptiveKLController(float(self.kl_coef_value), hp.kl_target, hp.kl_horizon)
             self.kl_coef_value.fill_(controller.update(kl, n * self.trainer.world_size))
         logs = {"train/kl_coef": self.kl_coef_value.clone(), "train/rollback_count": self.rollback_count.float(),
-                "train/response_length": self._buffer["response_mask"].float().sum(1).mean(),
-                "train/rollout_tokens_per_s": self._buffer["tokens_per_s"],
-                **{k: v for k, v in self._buffer.items() if k.startswith("train/")}}
+                "train/response_length": buffer["response_mask"].float().sum(1).mean(),
+                "train/rollout_tokens_per_s": buffer["tokens_per_s"],
+                **{k: v for k, v in buffer.items() if k.startswith("train/")}}
         self.log("train/score", logs.pop("train/score"), prog_bar=True, batch_size=n)
         self.log_dict(logs, batch_size=n)
         return True
@@ -322,7 +317,7 @@ class PPORLHF(PolicyRL):
             for name, p in self._trainable_state().items():
                 p.copy_(params[name])
         self.optimizers().optimizer.load_state_dict(opt_state)
-        self._queue, self._buffer = [], None
+        self.iteration.clear()
         if self.rollbacks >= self.hparams.max_rollbacks:
             if not back_off:
                 raise FloatingPointError(f"PPO: {self.rollbacks} rolled-back iterations in a row; stopping ({reason})")
@@ -333,10 +328,11 @@ class PPORLHF(PolicyRL):
         """The updates since the last accepted rollout were never seen by the KL guard: sample the epoch's last
         prompts once more with the policy as it is and, if that rollout's KL is above ``max_kl``, return to the last
         accepted policy, so that neither a checkpoint taken now nor the policy a run ends with is out of band."""
-        if self.hparams.max_kl is None or self._buffer is None or not self._accepted:
+        buffer = self.iteration.buffer
+        if self.hparams.max_kl is None or buffer is None or not self._accepted:
             return
-        p = int(self._buffer["prompt_length"])
-        prompts = {"prompt_ids": self._buffer["ids"][:, :p], "prompt_mask": self._buffer["mask"][:, :p]}
+        p = int(buffer["prompt_length"])
+        prompts = {"prompt_ids": buffer["ids"][:, :p], "prompt_mask": buffer["mask"][:, :p]}
         kl = self._reduce(self.collect(prompts)["kl"].mean())
         self.log("train/epoch_end_kl", kl)
         if kl > self.hparams.max_kl:
@@ -344,17 +340,14 @@ class PPORLHF(PolicyRL):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         hp = self.hparams
-        if not self._queue and not self._start_iteration(batch):
+        if self.iteration.done and not self._start_iteration(batch):
             return
-        index = self._queue.pop(0)
-        prompt_length = int(self._buffer["prompt_length"])
-        mb = {k: v[index].to(self.device) for k, v in self._buffer.items() if v.dim() > 0 and k != "tokens_per_s"}
-        losses = self.ppo_losses(mb, prompt_length)
+        index, mb = self.iteration.next(self.device)
+        losses = self.ppo_losses(mb, int(self.iteration.buffer["prompt_length"]))
         if not math.isfinite(self._reduce(losses["loss"])):
             self._rollback("non-finite loss")
             return
-        n = len(self._buffer["ids"])
-        updated = len(self._queue) + 1 < hp.ppo_epochs * (n // min(hp.minibatch_size, n))  # not the first minibatch
+        updated = self.iteration.taken > 1  # the policy has moved since the rollout
         if updated and hp.max_kl is not None and "policy_kl" in losses:
             estimate = self._reduce(losses["policy_kl"])
             if estimate > hp.max_kl:  # this iteration's updates took the policy out of the band: reject it unsampled
@@ -373,7 +366,7 @@ class PPORLHF(PolicyRL):
             self._rollback("non-finite weights")
             return
         if hp.target_kl is not None and self._reduce(losses["approx_kl"]) > 1.5 * hp.target_kl:
-            self._queue = []  # early stop: the next step samples a new rollout
+            self.iteration.queue.clear()  # early stop: the next step samples a new rollout
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=len(index))
         # Rolled-back iterations in a row before this accepted update (then the count starts again).
         self.log("train/rollbacks", float(self.rollbacks), batch_size=len(index))

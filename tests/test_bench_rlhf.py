@@ -145,10 +145,10 @@ def test_the_rollout_recorder_keeps_every_rollout_and_marks_the_rejected_ones():
     from cli_runs import PPORollouts
 
     recorder, trainer = PPORollouts(), SimpleNamespace(global_step=0, callback_metrics={})
-    ppo = SimpleNamespace(_queue=[], rollback_count=torch.tensor(0))
+    ppo = SimpleNamespace(iteration=SimpleNamespace(done=True), rollback_count=torch.tensor(0))
 
     def batch(samples: bool, logged: dict, steps: int, rollbacks: int = 0) -> None:
-        ppo._queue = [] if samples else [torch.arange(2)]
+        ppo.iteration.done = samples
         recorder.on_train_batch_start(trainer, ppo, None, 0)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})  # stale values stay
         trainer.global_step += steps

@@ -44,3 +44,24 @@ def test_masked_statistics_ignore_padding():
     normalized = masked_normalize(values, mask)
     assert normalized[0, 2].item() == 0.0
     assert normalized[0, :2].tolist() == pytest.approx([-1.0, 1.0], abs=1e-6)
+
+
+def test_rollout_iteration_deals_each_epochs_minibatches_once_and_round_trips_through_its_state():
+    from lightning_modules.policy_rl import RolloutIteration
+
+    iteration = RolloutIteration()
+    assert iteration.done and iteration.taken == 0
+    buffer = {"ids": torch.arange(10).unsqueeze(1), "values": torch.arange(10.0), "prompt_length": torch.tensor(3)}
+    iteration.start(buffer, size=4, epochs=2, generator=torch.Generator().manual_seed(0))
+    assert iteration.total == 4  # 2 epochs x 2 full minibatches of 4 (the short last one of each pass is dropped)
+    index, mb = iteration.next(torch.device("cpu"))
+    assert iteration.taken == 1 and set(mb) == {"ids", "values"}  # per-sequence tensors only
+    assert torch.equal(mb["values"], index.float())
+    copy = RolloutIteration()
+    copy.load(iteration.state())
+    rest = [copy.next(torch.device("cpu"))[0] for _ in range(3)]
+    assert copy.done and copy.taken == 4
+    first_epoch = torch.cat([index, rest[0]])
+    assert len(set(first_epoch.tolist())) == 8  # no sequence twice within a pass
+    copy.clear()
+    assert copy.buffer is None and copy.done
