@@ -87,7 +87,7 @@ class GRPO(PolicyRL):
         ppo_epochs: int = 2,
         minibatch_size: int = 32,
         clip_range: float = 0.2,
-        kl_coef: float = 0.04,
+        kl_coef: float = 0.2,
         kl_in_reward: bool = False,
         advantage_eps: float = 1e-4,
         max_grad_norm: float = 0.5,

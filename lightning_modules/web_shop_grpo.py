@@ -54,6 +54,7 @@ class WebShopGRPO(EpisodeAgent, GRPO):
         self,
         lm: LMSettings = LMSettings(model_name="tiny-smollm3"),
         minibatch_size: int = 64,
+        kl_coef: float = 0.04,
         length_normalize: bool = False,
         evaluate_before_training: bool = True,
         **kwargs,
@@ -62,14 +63,15 @@ class WebShopGRPO(EpisodeAgent, GRPO):
         Args:
             lm: The policy (see ``LMPhase``): the early-experience agent's tiny model, every weight trained.
             minibatch_size: Steps (sequences) per optimiser step, summed over all devices.
+            kl_coef: Weight of the k3 KL of ``pi`` to the starting policy (DeepSeekMath's value, not tuned here).
             length_normalize: Score candidate actions by mean instead of summed token log-probability (as the
                 checkpoint's agent did).
             evaluate_before_training: Play the evaluation episodes once before the first update, logged at step 0
                 (the starting checkpoint's row).
-            kwargs: ``GRPO``'s settings (``group_size``, ``temperature`` of ``pi``, ``kl_coef``, ...) and
+            kwargs: ``GRPO``'s settings (``group_size``, ``temperature`` of ``pi``, ...) and
                 ``LMPhase``'s (``init_from``, ``optimizer``, ...).
         """
-        super().__init__(lm=lm, minibatch_size=minibatch_size, **kwargs)
+        super().__init__(lm=lm, minibatch_size=minibatch_size, kl_coef=kl_coef, **kwargs)
         self.val_metrics, self.test_metrics = episode_metrics("val"), episode_metrics("test")
 
     def _init_state(self) -> dict[str, Tensor] | None:
