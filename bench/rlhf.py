@@ -25,12 +25,14 @@ rollout_tokens_per_s=<t> gold_win_rate=<g> grpo_gold=<g> dpo_gold=<g> agentic_su
 held-out task success of agentic GRPO and of the agentic SFT model it starts from, see ``agentic_rl``).
 ``--accelerator gpu`` runs every phase on one GPU; ``--ppo-args "<overrides>"`` (and
 ``--grpo-args``, ``--dpo-args``) pass extra settings to a method (the sweep in ``docs/rlhf.md``); ``--plot <png>``
-draws the PPO curves; ``--merge <json> ...`` combines the runs of earlier result files (to merge seeds run apart, or
-to redraw) without training; ``--wandb`` also logs every run to W&B, with the phase or method as job type.
+draws the PPO curves; ``--merge <json> ...`` combines the runs of earlier result files seed by seed, a later file's
+methods replacing an earlier one's (to merge seeds or methods run apart, or to redraw) without training; ``--keep
+<folder>`` keeps each seed's SFT model and reward model there and reuses them in a later run (to add a method);
+``--wandb`` also logs every run to W&B, with the phase or method as job type.
 
 Every file written records ``provenance`` (commit, uncommitted changes, library and Python versions; see
-``cli_runs.provenance``); with ``--merge`` each run also keeps the provenance of the file it came from (``null`` for
-files written before provenance was recorded).
+``cli_runs.provenance``); with ``--merge`` each run keeps the provenance of the files its entries came from (``null``
+for files written before provenance was recorded).
 """
 
 from __future__ import annotations
@@ -81,25 +83,13 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     def phase_args(phase: str) -> list[str]:
         return [*device, *(smoke_overrides(phase) if args.smoke else [])]
 
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = str(Path(args.keep) / f"seed{seed}") if args.keep else scratch
         out: dict = {"seed": seed}
-        sft, out["sft"], out["sft_seconds"] = run_phase(
-            CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs", str(args.sft_epochs), *phase_args("sft")
-        )
-        sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
-        rm, out["reward"], out["reward_seconds"] = run_phase(
-            CONFIGS["reward"],
-            seed,
-            f"{root}/rm",
-            "--trainer.max_epochs",
-            str(args.rm_epochs),
-            "--model.init_args.init_from",
-            sft_ckpt,
-            *phase_args("reward"),
-        )
-        start = ["--model.init_args.init_from", sft_ckpt,
-                 "--model.init_args.reward_model_from", rm.trainer.checkpoint_callback.last_model_path]
-        del sft, rm
+        start_state = sft_and_reward_model(seed, args, root, phase_args)
+        out |= start_state["metrics"]
+        start = ["--model.init_args.init_from", start_state["sft"],
+                 "--model.init_args.reward_model_from", start_state["reward"]]
         for method in args.methods:
             overrides = [*start, *method_length(method, args), *phase_args(method),
                          *shlex.split(getattr(args, f"{method}_args"))]
@@ -114,6 +104,37 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
             out["agentic_rl"] = agentic_rl(seed, f"{root}/agentic_rl", agentic.trainer.checkpoint_callback
                                            .last_model_path, [*phase_args("agentic_sft"), *agentic_rl_length(args)])
     return out
+
+
+START_SETTINGS = ("sft_epochs", "rm_epochs", "smoke", "accelerator")
+"""The options the SFT and reward-model checkpoints depend on (``--keep`` reuses them only when these match)."""
+
+
+def sft_and_reward_model(seed: int, args: argparse.Namespace, root: str, phase_args) -> dict:
+    """Train the seed's SFT model and reward model in ``root``, or, with ``--keep``, reuse the ones an earlier run
+    left there with the same settings: ``{"sft": ckpt, "reward": ckpt, "metrics": their test metrics and times}``."""
+    record = Path(root) / "start.json"
+    settings = {k: getattr(args, k) for k in START_SETTINGS}
+    if args.keep and record.exists():
+        kept = json.loads(record.read_text())
+        if kept["settings"] != settings:
+            raise SystemExit(f"Error: --keep {args.keep}: seed {seed}'s SFT and reward model were trained with "
+                             f"{kept['settings']}, not {settings}; use another folder")
+        return kept
+    metrics: dict = {}
+    sft, metrics["sft"], metrics["sft_seconds"] = run_phase(
+        CONFIGS["sft"], seed, f"{root}/sft", "--trainer.max_epochs", str(args.sft_epochs), *phase_args("sft"))
+    sft_ckpt = sft.trainer.checkpoint_callback.last_model_path
+    del sft
+    rm, metrics["reward"], metrics["reward_seconds"] = run_phase(
+        CONFIGS["reward"], seed, f"{root}/rm", "--trainer.max_epochs", str(args.rm_epochs),
+        "--model.init_args.init_from", sft_ckpt, *phase_args("reward"))
+    state = {"settings": settings, "sft": sft_ckpt, "reward": rm.trainer.checkpoint_callback.last_model_path,
+             "metrics": metrics}
+    if args.keep:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(state, indent=1))
+    return state
 
 
 def method_length(method: str, args: argparse.Namespace) -> list[str]:
@@ -372,6 +393,26 @@ def plot_curves(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge_runs(files: list[dict]) -> list[dict]:
+    """The runs of several result files, seed by seed: for the same seed a later file's entries (a method's results,
+    a phase's metrics) replace an earlier one's. Each merged run lists the ``provenance`` of the files it draws on
+    and ``sources``, the index in that list of each entry's file."""
+    by_seed: dict[int, dict] = {}
+    for record in files:
+        for run in record["runs"]:
+            merged = by_seed.setdefault(run["seed"], {"seed": run["seed"], "provenance": [], "sources": {}})
+            given = run.get("provenance", record.get("provenance"))
+            origins = given if "sources" in run else [given]  # a merged file's run already names its origins
+            for key, value in run.items():
+                if key in ("seed", "provenance", "sources"):
+                    continue
+                origin = origins[run["sources"][key]] if "sources" in run else given
+                if origin not in merged["provenance"]:
+                    merged["provenance"].append(origin)
+                merged[key], merged["sources"][key] = value, merged["provenance"].index(origin)
+    return [by_seed[seed] for seed in sorted(by_seed)]
+
+
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -396,7 +437,10 @@ def main_bench() -> None:
     parser.add_argument("--dpo-args", default="", help="extra DPO overrides")
     parser.add_argument("--smoke", action="store_true", help="every phase cut to a few batches: checks the wiring "
                         "in minutes; its figures are not results")
-    parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files; no training")
+    parser.add_argument("--keep", default=None, help="keep each seed's SFT model and reward model in <keep>/seed<S> "
+                        "and reuse them when a later run finds them there (e.g. to add a method)")
+    parser.add_argument("--merge", nargs="*", default=None, help="combine the runs of earlier JSON files, seed by seed "
+                        "(a later file's methods replace an earlier one's); no training")
     parser.add_argument("--plot", default=None, help="write the PPO curves to this PNG")
     add_wandb_option(parser)
     args = parser.parse_args()
@@ -405,7 +449,7 @@ def main_bench() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
         files = [json.loads(Path(p).read_text()) for p in args.merge]
-        results = [r | {"provenance": r.get("provenance", f.get("provenance"))} for f in files for r in f["runs"]]
+        results = merge_runs(files)
         settings = files[0]["settings"] | {"seeds": [r["seed"] for r in results]}
     else:
         start_wandb(args, "rlhf")
@@ -415,7 +459,7 @@ def main_bench() -> None:
             results.append(result)
             print(json.dumps({k: v for k, v in result.items() if not k.startswith("ppo_")}, indent=1), flush=True)
         results.sort(key=lambda r: r["seed"])
-    settings = {k: v for k, v in settings.items() if k not in ("merge", "plot", "out", "jobs")}  # no machine paths
+    settings = {k: v for k, v in settings.items() if k not in ("merge", "plot", "out", "jobs", "keep")}  # no paths
     figures = summary(results)
     stem = "rlhf_smoke" if settings.get("smoke") else "rlhf"  # a smoke run never replaces a results file
     name = f"{stem}_{results[0]['seed']}.json" if len(results) == 1 and not args.merge else f"{stem}.json"

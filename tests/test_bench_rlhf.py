@@ -4,6 +4,7 @@ the summary of old and new results files (nan where a method or metric is missin
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,25 @@ def test_the_rollout_recorder_keeps_every_rollout_and_marks_the_rejected_ones():
     assert [(r["step"], r["accepted"]) for r in recorder.rollouts] == [(0, True), (2, False), (2, True)]
     assert [r["kl"] for r in recorder.rollouts] == pytest.approx([0.5, 2.6, 1.9])
     assert recorder.policy_kl_max == pytest.approx(0.9)
+
+
+def test_keep_reuses_a_seeds_sft_and_reward_model_only_when_their_settings_match(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    trained = []
+
+    def run_phase(config, seed, folder, *overrides):
+        trained.append(Path(config).stem)
+        cli = SimpleNamespace(trainer=SimpleNamespace(checkpoint_callback=SimpleNamespace(
+            last_model_path=f"{folder}/last.ckpt")))
+        return cli, {"test/metric": 1.0}, 2.0
+
+    monkeypatch.setattr(bench, "run_phase", run_phase)
+    args = SimpleNamespace(keep=str(tmp_path), sft_epochs=2, rm_epochs=3, smoke=False, accelerator="cpu")
+    first = bench.sft_and_reward_model(0, args, str(tmp_path / "seed0"), lambda phase: [])
+    assert trained == ["sft", "reward"] and first["reward"] == f"{tmp_path}/seed0/rm/last.ckpt"
+    assert bench.sft_and_reward_model(0, args, str(tmp_path / "seed0"), lambda phase: []) == first
+    assert trained == ["sft", "reward"]  # reused, not trained again
+    args.rm_epochs = 1
+    with pytest.raises(SystemExit, match="rm_epochs"):
+        bench.sft_and_reward_model(0, args, str(tmp_path / "seed0"), lambda phase: [])
