@@ -64,7 +64,7 @@ class DPO(PolicyRL):
         lm: LMSettings = LMSettings(lora=LoraSettings(r=16, alpha=32.0)),
         beta: float = 0.1,
         label_smoothing: float = 0.0,
-        sft_weight: float = 0.0,
+        sft_weight: float = 1.0,
         **kwargs,
     ) -> None:
         """

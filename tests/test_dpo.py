@@ -80,7 +80,7 @@ def test_pairs_are_the_reward_models_split_into_a_shared_prompt_and_completion_o
 
 # --- the module -----------------------------------------------------------------------------------------------
 def test_logged_pair_metrics_match_a_hand_example(pairs):
-    module = _dpo(pairs, beta=0.5)
+    module = _dpo(pairs, beta=0.5, sft_weight=0.0)  # plain DPO: the loss is the hand example's
 
     def pair_logprobs(batch):  # 4 pairs: policy log-ratios chosen [1, 0, -1, 2], rejected [0, 0, 1, -2]
         assert len(batch["input_ids"]) == 8
@@ -105,7 +105,7 @@ def test_logged_pair_metrics_match_a_hand_example(pairs):
 
 @pytest.mark.parametrize("lora_r", [4, None], ids=["lora", "full"])
 def test_one_dpo_step_raises_the_margin_and_leaves_the_reference(pairs, lora_r):
-    module = _dpo(pairs, lora_r=lora_r, beta=0.1)
+    module = _dpo(pairs, lora_r=lora_r, beta=0.1, sft_weight=0.0)
     batch = next(iter(pairs.train_dataloader()))
     with torch.no_grad():
         _, chosen, rejected, _ = module.model_step(batch)
