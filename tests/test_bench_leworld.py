@@ -34,6 +34,13 @@ def test_strict_gap_is_measured_against_the_best_memory_free_predictor():
     assert res[1]["oracle"]["gap_closed_vs_bayes"] == pytest.approx(1.0)
 
 
+def test_strict_gap_is_nan_when_the_memory_free_predictor_beats_the_oracle():
+    res = results()
+    bench.add_strict_gaps(res, {0: 0.1, 1: 1.0})  # seed 0: told what the oracle must infer, below its 0.2
+    assert math.isnan(res[0]["phase3"]["gap_closed_vs_bayes"]) and math.isnan(res[0]["oracle"]["gap_closed_vs_bayes"])
+    assert res[1]["phase3"]["gap_closed_vs_bayes"] == pytest.approx((1.0 - 0.6) / (1.0 - 0.4))
+
+
 def test_phase_gains_are_ablation_minus_full_on_the_seeds_that_ran_them():
     gains = bench.phase_gains(results())
     assert gains["phase1"] == [pytest.approx(1.5 - 0.6)]
