@@ -78,7 +78,7 @@ def config_settings(algo: str) -> dict:
            "max_new_tokens": model["max_new_tokens"], "temperature": model["temperature"]}
     if algo == "dpo":
         return out | {"beta": model["beta"], "label_smoothing": model["label_smoothing"],
-                      "max_grad_norm": config["trainer"]["gradient_clip_val"]}
+                      "sft_weight": model["sft_weight"], "max_grad_norm": config["trainer"]["gradient_clip_val"]}
     return out | {"ppo_epochs": model["ppo_epochs"], "minibatch_size": model["minibatch_size"],
                   "clip_range": model["clip_range"], "kl_coef": model["kl_coef"],
                   "max_grad_norm": model["max_grad_norm"], "group_size": model.get("group_size", 1)}
@@ -103,9 +103,12 @@ def trl_config(algo: str, s: dict, updates: int, seed: int) -> dict:
                   gradient_checkpointing=False, report_to=[], logging_strategy="no", save_strategy="no",
                   disable_tqdm=True, dataloader_num_workers=0)
     if algo == "dpo":
+        # our SFT term on the chosen completion is TRL's "sft" loss beside the sigmoid one
+        sft = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, s["sft_weight"]]} if s["sft_weight"] else {
+            "loss_type": ["sigmoid"]}
         return common | dict(per_device_train_batch_size=s["batch_size"], beta=s["beta"],
-                             label_smoothing=s["label_smoothing"], loss_type=["sigmoid"], max_length=s["max_length"],
-                             truncation_mode="keep_start", precompute_ref_log_probs=False)
+                             label_smoothing=s["label_smoothing"], max_length=s["max_length"],
+                             truncation_mode="keep_start", precompute_ref_log_probs=False, **sft)
     size = rollout_size(s)
     generations = s["group_size"] if algo == "grpo" else RLOO_GROUP
     out = common | dict(num_generations=generations, generation_batch_size=size,
@@ -266,7 +269,7 @@ def run_ours(algo: str, s: dict, sft_ckpt: str, updates: int, warmup: int, seed:
     hp = {k: s[k] for k in ("max_new_tokens", "temperature")}
     if algo == "dpo":
         module = cls(lm=lm, init_from=sft_ckpt, beta=s["beta"], label_smoothing=s["label_smoothing"],
-                     optimizer=optimizer, export=False, **hp)
+                     sft_weight=s["sft_weight"], optimizer=optimizer, export=False, **hp)
         data = PreferencePromptDataModule(batch_size=s["batch_size"])
     else:
         extra = {"group_size": s["group_size"]} if algo == "grpo" else {}

@@ -39,7 +39,7 @@ def test_trl_grpo_gets_our_grpo_numbers():
     assert trl_updates_per_rollout(trl) == vs_trl.updates_per_rollout(s) == 4
     assert (trl["learning_rate"], trl["adam_epsilon"], trl["weight_decay"]) == (2.5e-4, 1e-5, 0.0)
     assert (trl["beta"], trl["epsilon"], trl["max_grad_norm"]) == (ours["kl_coef"], ours["clip_range"],
-                                                                   ours["max_grad_norm"]) == (0.04, 0.2, 0.5)
+                                                                   ours["max_grad_norm"]) == (0.2, 0.2, 0.5)
     assert (trl["max_completion_length"], trl["temperature"], trl["top_k"], trl["top_p"]) == (96, 1.0, 0, 1.0)
     # ours averages the loss over the minibatch's tokens and scales by the group's std; fp32 on the CPU, no schedule
     assert trl["loss_type"] == "bnpo" and trl["scale_rewards"] == "group"
@@ -64,7 +64,8 @@ def test_trl_dpo_gets_our_dpo_numbers():
     trl = vs_trl.trl_config("dpo", s, updates=20, seed=0)
     assert (trl["beta"], trl["label_smoothing"]) == (defaults(DPO)["beta"], defaults(DPO)["label_smoothing"])
     assert (trl["per_device_train_batch_size"], trl["learning_rate"], trl["max_grad_norm"]) == (32, 5e-4, 1.0)
-    assert trl["loss_type"] == ["sigmoid"] and trl["max_length"] == 128 and trl["truncation_mode"] == "keep_start"
+    assert trl["loss_type"] == ["sigmoid", "sft"] and trl["loss_weights"] == [1.0, defaults(DPO)["sft_weight"]]
+    assert trl["max_length"] == 128 and trl["truncation_mode"] == "keep_start"
     assert trl["adam_epsilon"] == 1e-8 and not trl["precompute_ref_log_probs"]  # torch's AdamW eps, as ours
     assert vs_trl.ours_settings("dpo", s) == {}
 
