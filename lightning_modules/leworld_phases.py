@@ -36,7 +36,7 @@ BalanceTarget = Literal["need", "uniform"]
 
 def check_balance_target(balance_target: str) -> None:
     if balance_target not in get_args(BalanceTarget):
-        raise ValueError(f"unknown balance_target {balance_target!r}; expected 'need' or 'uniform'")
+        raise ValueError(f"unknown balance_target {balance_target!r}; expected one of {list(get_args(BalanceTarget))}")
 
 
 class LeWorldPhase1(SystemModule):

@@ -125,3 +125,12 @@ def test_baseline_predictions_are_its_teacher_forced_steps():
     assert out["predictions"].shape == (4, TINY_DATA["seq_len"] - 1, 16)
     assert torch.allclose(out["predictions"][:, 0], first, atol=1e-6)
     assert torch.allclose(out["predictions"][:, 2], later, atol=1e-6)
+
+
+def test_an_unknown_balance_target_names_the_known_ones():
+    from lightning_modules.leworld_phases import check_balance_target
+
+    check_balance_target("need")
+    check_balance_target("uniform")
+    with pytest.raises(ValueError, match=r"unknown balance_target 'even'; expected one of \['need', 'uniform'\]"):
+        check_balance_target("even")
