@@ -179,6 +179,25 @@ def _with_threads(threads: int, fn: Callable, call: tuple):
     return fn(*call)
 
 
+# --- a pretrained base -----------------------------------------------------------------------------------------
+class MissingBase(ValueError):
+    """The pretrained base folder does not exist."""
+
+
+def resolve_base(name: str) -> str | None:
+    """The base folder as an absolute path (``none``: ``None``, the configs' model from scratch); a missing folder
+    raises ``MissingBase`` naming the command that builds it."""
+    if name.lower() == "none":
+        return None
+    from models.lm_factory import pretrain_command
+
+    folder = Path(name).expanduser().resolve()
+    if not folder.is_dir():
+        command = pretrain_command(str(folder)) or "python train.py fit --config configs/pretrain/tiny.yaml"
+        raise MissingBase(f"the pretrained base {name!r} does not exist: build it with `{command}`")
+    return str(folder)
+
+
 def provenance(packages: tuple[str, ...] = LIBRARIES) -> dict:
     """Where a results file comes from: the repository's commit (``None`` outside git), whether tracked files had
     uncommitted changes, the versions of ``packages`` (those importable) and Python's."""

@@ -49,7 +49,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli_runs import add_wandb_option, csv_column, in_processes, provenance, run_phase, start_wandb  # noqa: E402
+from cli_runs import (  # noqa: E402
+    MissingBase,
+    add_wandb_option,
+    csv_column,
+    in_processes,
+    provenance,
+    resolve_base,
+    run_phase,
+    start_wandb,
+)
 
 RECIPES = {"il": "web_shop_il.yaml", "iwm_il": "web_shop_iwm_il.yaml", "sr": "web_shop_sr.yaml"}
 SPLITS = ("train", "held_out", "out_of_domain")
@@ -66,25 +75,6 @@ SMOKE_GRPO = ["--data.init_args.goals_per_batch", "2", "--model.init_args.group_
               "--model.init_args.minibatch_size", "8"]
 PLAN_KEYS = ("base", "steps", "grpo_steps", "experience_goals", "branches", "eval_goals", "smoke", "extra")
 """The settings a run's result depends on besides its recipe, size and seed (``--resume`` matches them)."""
-
-
-class MissingBase(ValueError):
-    """The pretrained base folder does not exist."""
-
-
-# --- the runs ---------------------------------------------------------------------------------------------------
-def resolve_base(name: str) -> str | None:
-    """The base folder as an absolute path (``none``: ``None``, the configs' model from scratch); a missing folder
-    raises ``MissingBase`` naming the command that builds it."""
-    if name.lower() == "none":
-        return None
-    from models.lm_factory import pretrain_command
-
-    folder = Path(name).expanduser().resolve()
-    if not folder.is_dir():
-        command = pretrain_command(str(folder)) or "python train.py fit --config configs/pretrain/tiny.yaml"
-        raise MissingBase(f"the pretrained base {name!r} does not exist: build it with `{command}`")
-    return str(folder)
 
 
 def base_overrides(base: str | None) -> list[str]:

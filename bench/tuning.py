@@ -15,9 +15,17 @@ The starting point is measured too: ``agentic`` starts from the agents' default 
 ``agentic_from_sampled`` starts the agents where random search starts for each seed (without SEAL and QA, which
 the rule-based Tuner does not read).
 
-Writes ``<out>/tuning.json`` (with the git commit and library versions); the last line printed is
+SEAL's knowledge-incorporation protocol (``tuning/seal_protocol.py``) runs from the pretrained base (``--seal-base``)
+for ``--seal-seeds``: exact match on the questions of held-out passages after no update, an update on the passage
+alone, on the passage + the instruction-tuned model's self-edit, and on the passage + the self-edit of the writer
+after ReST-EM rounds, with the chance baseline.
+
+``--parts studies`` or ``--parts seal`` runs one part and keeps the other from ``<out>/tuning.json``.
+
+Writes ``<out>/tuning.json`` (each part with the git commit and library versions it ran at); the last line printed is
 ``tuning: agentic=<best val loss> tpe=<mean best over seeds> random=<mean best over seeds> trials=<n>
-tpe_from_default=<x> random_from_default=<x> agentic_from_sampled=<x>``.
+tpe_from_default=<x> random_from_default=<x> agentic_from_sampled=<x> seal_passage=<(b)> seal_base_edit=<(c)>
+seal_writer=<(d)> seal_chance=<x>`` (SEAL figures: mean test exact match over the seeds).
 """
 
 from __future__ import annotations
@@ -36,11 +44,14 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli_runs import add_wandb_option, provenance, start_wandb, tune_overrides  # noqa: E402
+from cli_runs import MissingBase, add_wandb_option, in_processes, provenance, resolve_base, start_wandb, tune_overrides  # noqa: E402
 
 from experiment.cli import main  # noqa: E402
 
 CONFIG = str(REPO / "configs/tuning/default.yaml")
+SEAL_BASE = "checkpoints/pretrain/small/hf/model"
+SEAL_CONDITIONS = {"no_update": "(a) no update", "passage": "(b) passage", "base_self_edit": "(c) + base self-edit",
+                   "rest_em_self_edit": "(d) + ReST-EM writer's self-edit"}
 
 
 # label: (method, whether its first episode is the agents' default configuration)
@@ -73,40 +84,90 @@ def run_study(label: str, trials: int, seed: int, seal: bool, folder: str) -> di
             "best_params": summary["best_params"], "seconds": round(seconds, 1), "curve": curve, "trials": records}
 
 
+def run_studies(trials: int, seeds: list[int], seal: bool) -> dict:
+    """Every method's studies; their mean best validation loss and wall time."""
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        runs.append(run_study("agentic", trials, 0, seal, folder))
+        for seed in seeds:
+            labels = [label for label in SETTINGS if label != "agentic"]
+            for label in labels:
+                runs.append(run_study(label, trials, seed, False, folder))
+            print(json.dumps({r["method"]: r["best_val_loss"] for r in runs[-len(labels):]} | {"seed": seed}),
+                  flush=True)
+    best = {m: statistics.mean(r["best_val_loss"] for r in runs if r["method"] == m) for m in SETTINGS}
+    seconds = {m: statistics.mean(r["seconds"] for r in runs if r["method"] == m) for m in best}
+    return {"trials": trials, "seeds": seeds, "seal": seal, "best_val_loss": best, "seconds": seconds, "runs": runs}
+
+
+def seal_run(base: str, seed: int) -> dict:
+    """One seed of the SEAL protocol (in its own process)."""
+    from tuning.seal_protocol import SealProtocolSettings, run_protocol
+
+    start = time.perf_counter()
+    result = run_protocol(SealProtocolSettings(base=base, seed=seed))
+    return result | {"seed": seed, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def run_seal_protocol(base: str, seeds: list[int], jobs: int) -> dict:
+    """The SEAL protocol for every seed, and each condition's mean, min and max exact match per split."""
+    runs = sorted(in_processes(seal_run, [(base, seed) for seed in seeds], jobs, 0), key=lambda r: r["seed"])
+    summary = {split: {c: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
+                       for c in SEAL_CONDITIONS
+                       for v in [[r[split]["exact_match"][c] for r in runs]]} for split in ("val", "test")}
+    return {"base": base, "seeds": seeds, "chance": runs[0]["chance"], "summary": summary, "runs": runs}
+
+
+def previous_part(out: Path, key: str) -> dict:
+    """A part of the results file that this invocation does not rerun."""
+    path = out / "tuning.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    if key not in result:
+        sys.exit(f"Error: --parts: {path} has no {key!r} results to keep; run that part too")
+    return result[key]
+
+
 def main_bench() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=10, help="finished trials per study")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampler seeds of TPE and random")
     parser.add_argument("--no-seal", action="store_true", help="agentic study without SEAL and QA")
+    parser.add_argument("--parts", nargs="+", choices=("studies", "seal"), default=["studies", "seal"])
+    parser.add_argument("--seal-base", default=SEAL_BASE, help="pretrained base of the SEAL protocol")
+    parser.add_argument("--seal-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="SEAL protocol seeds run at once")
     parser.add_argument("--out", default=str(REPO / "bench/results"))
     add_wandb_option(parser)
     args = parser.parse_args()
+    out = Path(args.out)
+    try:
+        seal_base = resolve_base(args.seal_base) if "seal" in args.parts else None
+    except MissingBase as error:
+        sys.exit(f"Error: --seal-base: {error}")
     start_wandb(args, "tuning")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    runs = []
-    with tempfile.TemporaryDirectory() as folder:
-        runs.append(run_study("agentic", args.trials, 0, not args.no_seal, folder))
-        for seed in args.seeds:
-            labels = [label for label in SETTINGS if label != "agentic"]
-            for label in labels:
-                runs.append(run_study(label, args.trials, seed, False, folder))
-            print(json.dumps({r["method"]: r["best_val_loss"] for r in runs[-len(labels):]} | {"seed": seed}),
-                  flush=True)
-    best = {m: statistics.mean(r["best_val_loss"] for r in runs if r["method"] == m) for m in SETTINGS}
-    seconds = {m: statistics.mean(r["seconds"] for r in runs if r["method"] == m) for m in best}
-    result = {"trials": args.trials, "seeds": args.seeds, "seal": not args.no_seal, "best_val_loss": best,
-              "seconds": seconds, "runs": runs, "provenance": provenance()}
-    out = Path(args.out)
+    studies = (run_studies(args.trials, args.seeds, not args.no_seal) | {"provenance": provenance()}
+               if "studies" in args.parts else previous_part(out, "studies"))
+    seal = (run_seal_protocol(seal_base, args.seal_seeds, args.jobs) | {"provenance": provenance()}
+            if "seal" in args.parts else previous_part(out, "seal_protocol"))
+    result = {"studies": studies, "seal_protocol": seal}
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "tuning.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "tuning.json")
+    best, seconds = studies["best_val_loss"], studies["seconds"]
     for method in best:
         print(f"{method:20s} best val loss {best[method]:.4f}  wall time {seconds[method]:.1f}s")
+    test = seal["summary"]["test"]
+    for condition, label in SEAL_CONDITIONS.items():
+        print(f"SEAL {label:34s} test exact match {test[condition]['mean']:.3f} "
+              f"({test[condition]['min']:.3f}-{test[condition]['max']:.3f})")
     print(f"tuning: agentic={best['agentic']:.4f} tpe={best['tpe']:.4f} random={best['random']:.4f} "
-          f"trials={args.trials} tpe_from_default={best['tpe_from_default']:.4f} "
+          f"trials={studies['trials']} tpe_from_default={best['tpe_from_default']:.4f} "
           f"random_from_default={best['random_from_default']:.4f} "
-          f"agentic_from_sampled={best['agentic_from_sampled']:.4f}")
+          f"agentic_from_sampled={best['agentic_from_sampled']:.4f} seal_passage={test['passage']['mean']:.3f} "
+          f"seal_base_edit={test['base_self_edit']['mean']:.3f} seal_writer={test['rest_em_self_edit']['mean']:.3f} "
+          f"seal_chance={seal['chance']:.3f}")
 
 
 if __name__ == "__main__":
