@@ -100,18 +100,35 @@ def run_studies(trials: int, seeds: list[int], seal: bool) -> dict:
     return {"trials": trials, "seeds": seeds, "seal": seal, "best_val_loss": best, "seconds": seconds, "runs": runs}
 
 
-def seal_run(base: str, seed: int) -> dict:
+def seal_options(pairs: list[str]) -> dict:
+    """``--seal-option name=value`` pairs as ``SealProtocolSettings`` fields, each value cast to its field's type."""
+    from tuning.seal_protocol import SealProtocolSettings
+
+    defaults = SealProtocolSettings(base="")
+    options = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name in ("base", "seed") or not hasattr(defaults, name):
+            raise ValueError(f"--seal-option: expected name=value with a SealProtocolSettings field other than base "
+                             f"and seed, got {pair!r}")
+        kind = type(getattr(defaults, name))
+        options[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return options
+
+
+def seal_run(base: str, seed: int, options: dict) -> dict:
     """One seed of the SEAL protocol (in its own process)."""
     from tuning.seal_protocol import SealProtocolSettings, run_protocol
 
     start = time.perf_counter()
-    result = run_protocol(SealProtocolSettings(base=base, seed=seed))
+    result = run_protocol(SealProtocolSettings(base=base, seed=seed, **options))
     return result | {"seed": seed, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def run_seal_protocol(base: str, seeds: list[int], jobs: int) -> dict:
+def run_seal_protocol(base: str, seeds: list[int], jobs: int, threads: int, options: dict) -> dict:
     """The SEAL protocol for every seed, and each condition's mean, min and max exact match per split."""
-    runs = sorted(in_processes(seal_run, [(base, seed) for seed in seeds], jobs, 0), key=lambda r: r["seed"])
+    runs = sorted(in_processes(seal_run, [(base, seed, options) for seed in seeds], jobs, threads),
+                  key=lambda r: r["seed"])
     summary = {split: {c: {"mean": statistics.mean(v), "min": min(v), "max": max(v)}
                        for c in SEAL_CONDITIONS
                        for v in [[r[split]["exact_match"][c] for r in runs]]} for split in ("val", "test")}
@@ -135,7 +152,10 @@ def main_bench() -> None:
     parser.add_argument("--parts", nargs="+", choices=("studies", "seal"), default=["studies", "seal"])
     parser.add_argument("--seal-base", default=SEAL_BASE, help="pretrained base of the SEAL protocol")
     parser.add_argument("--seal-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seal-option", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="a SealProtocolSettings field other than the default (e.g. kind=qa)")
     parser.add_argument("--jobs", type=int, default=1, help="SEAL protocol seeds run at once")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads per SEAL job (0: all cores / jobs)")
     parser.add_argument("--out", default=str(REPO / "bench/results"))
     add_wandb_option(parser)
     args = parser.parse_args()
@@ -144,11 +164,16 @@ def main_bench() -> None:
         seal_base = resolve_base(args.seal_base) if "seal" in args.parts else None
     except MissingBase as error:
         sys.exit(f"Error: --seal-base: {error}")
+    try:
+        options = seal_options(args.seal_option)
+    except ValueError as error:
+        sys.exit(f"Error: {error}")
     start_wandb(args, "tuning")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     studies = (run_studies(args.trials, args.seeds, not args.no_seal) | {"provenance": provenance()}
                if "studies" in args.parts else previous_part(out, "studies"))
-    seal = (run_seal_protocol(seal_base, args.seal_seeds, args.jobs) | {"provenance": provenance()}
+    seal = (run_seal_protocol(seal_base, args.seal_seeds, args.jobs, args.threads, options)
+            | {"options": options, "provenance": provenance()}
             if "seal" in args.parts else previous_part(out, "seal_protocol"))
     result = {"studies": studies, "seal_protocol": seal}
     out.mkdir(parents=True, exist_ok=True)

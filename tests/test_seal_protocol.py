@@ -3,12 +3,16 @@ the student's reset, the chance baseline and the whole protocol on a tiny base."
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 
 import tuning.seal_protocol as protocol
 from datamodules.instructions import ASK, ATTRIBUTES, WRITE, Knowledge, generate_people, self_edit
 from models.lm_factory import build_causal_lm, build_tokenizer, export_hf
+from tests.conftest import REPO
 from tuning.seal import RECALL
 
 
@@ -48,6 +52,16 @@ def test_an_update_trains_on_the_passage_and_the_self_edits_examples():
 
 def test_chance_is_one_over_the_values_of_each_attribute():
     assert protocol.chance_exact_match() == pytest.approx(1 / 8)
+
+
+def test_facts_copied_counts_the_answers_a_self_edit_carries_about_the_right_person():
+    person = generate_people(1, seed=2)[0]
+    knowledge = Knowledge(person.passage, tuple(person.questions()))
+    assert protocol.facts_copied(knowledge, self_edit(person, "implications")) == 1.0
+    assert protocol.facts_copied(knowledge, self_edit(person, "qa")) == 1.0
+    city = person.facts[0][1]
+    assert protocol.facts_copied(knowledge, f"{person.name} lives in {city}.") == pytest.approx(1 / 5)
+    assert protocol.facts_copied(knowledge, self_edit(person, "qa").replace(person.name, "Zezo")) == 0.0
 
 
 @pytest.mark.parametrize("change", [{"kind": "poem"}, {"rounds": -1}, {"inner_lr": 0.0}, {"test_passages": 0}])
@@ -111,6 +125,21 @@ def test_the_protocol_scores_every_condition_on_held_out_passages(base):
         assert set(scores) == {"no_update", "passage", "base_self_edit", "rest_em_self_edit"}
         for value in scores.values():  # a mean of per-passage exact matches over five questions
             assert 0.0 <= value <= 1.0 and round(value * 5 * passages, 6) == round(value * 5 * passages)
+        assert set(result[split]["facts_copied"]) == {"base_self_edit", "rest_em_self_edit"}
     val_passage = result["val"]["example_edits"]["base_self_edit"]["passage"]
     test_passage = result["test"]["example_edits"]["base_self_edit"]["passage"]
     assert val_passage != test_passage
+
+
+def test_the_benchmark_casts_seal_options_to_their_fields_and_refuses_unknown_ones():
+    sys.path.insert(0, str(REPO / "bench"))  # bench/tuning.py imports its neighbour cli_runs
+    spec = importlib.util.spec_from_file_location("bench_tuning", REPO / "bench/tuning.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # by path: the name ``tuning`` is the package
+
+    assert bench.seal_options(["kind=qa", "instruct_steps=1500", "recall_training_passages=true",
+                               "inner_lr=0.01"]) == {"kind": "qa", "instruct_steps": 1500,
+                                                     "recall_training_passages": True, "inner_lr": 0.01}
+    for bad in (["colour=red"], ["kind"], ["seed=3"], ["instruct_steps=many"]):
+        with pytest.raises(ValueError):
+            bench.seal_options(bad)

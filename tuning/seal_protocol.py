@@ -21,7 +21,9 @@ of the right kind.
 from __future__ import annotations
 
 import copy
+import json
 import random
+import re
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -207,6 +209,16 @@ def rest_em_round(writer: nn.Module, student: Student, passages: list[Knowledge]
             "mean_gain_over_passage": statistics.mean(rewards), "example_kept": kept[0].output if kept else None}
 
 
+def facts_copied(knowledge: Knowledge, text: str) -> float:
+    """Share of the passage's facts that a self-edit carries: its person's name and each answer as a word (0 when the
+    name is missing: facts about someone else teach the student nothing about this person)."""
+    name = re.match(r"[A-Za-z]+", knowledge.passage).group()  # every passage sentence starts with the name
+    words = set(re.findall(r"[A-Za-z]+", text))
+    if name not in words:
+        return 0.0
+    return statistics.mean(answer in words for _, answer in knowledge.questions)
+
+
 def evaluate(student: Student, writers: dict[str, nn.Module], passages: list[Knowledge],
              settings: SealProtocolSettings) -> dict[str, Any]:
     """Exact match over every question of ``passages`` under each condition, and one self-edit per writer."""
@@ -222,6 +234,8 @@ def evaluate(student: Student, writers: dict[str, nn.Module], passages: list[Kno
             examples = update_examples(knowledge.passage, edits[name][i][0], settings.kind)
             scores[name].append(student.exact_match(knowledge, examples, seed))
     return {"exact_match": {name: statistics.mean(values) for name, values in scores.items()},
+            "facts_copied": {name: statistics.mean(facts_copied(k, e[0]) for k, e in zip(passages, edits[name]))
+                             for name in writers},
             "example_edits": {name: {"passage": passages[0].passage, "self_edit": e[0][0]}
                               for name, e in edits.items()}}
 
@@ -246,9 +260,20 @@ def run_protocol(settings: SealProtocolSettings) -> dict[str, Any]:
     if s.recall_training_passages:
         examples += [Example(RECALL, "", p.passage) for p in data.people["train"]]
     finetune(instruct, data, examples, s.instruct_steps, s.instruct_lr, s.batch_size, s.seed)
+    progress(s, f"instruction-tuned ({s.instruct_steps} steps on {len(examples)} examples)")
     student = Student(instruct, data, s)
     writer = copy.deepcopy(instruct)
-    rounds = [rest_em_round(writer, student, rest_em, s, r) for r in range(s.rounds)]
+    rounds = []
+    for r in range(s.rounds):
+        rounds.append(rest_em_round(writer, student, rest_em, s, r))
+        progress(s, f"ReST-EM round {r}: kept {rounds[-1]['kept']} of {rounds[-1]['sampled']} self-edits")
     writers = {"base_self_edit": instruct, "rest_em_self_edit": writer}
-    return {"settings": asdict(s), "chance": chance_exact_match(), "rest_em": rounds,
-            "val": evaluate(student, writers, val, s), "test": evaluate(student, writers, test, s)}
+    result = {"settings": asdict(s), "chance": chance_exact_match(), "rest_em": rounds}
+    for split, passages in (("val", val), ("test", test)):
+        result[split] = evaluate(student, writers, passages, s)
+        progress(s, f"{split} exact match " + json.dumps(result[split]["exact_match"]))
+    return result
+
+
+def progress(settings: SealProtocolSettings, message: str) -> None:
+    print(f"[SEAL protocol, seed {settings.seed}] {message}", flush=True)
