@@ -64,15 +64,18 @@ def test_facts_copied_counts_the_answers_a_self_edit_carries_about_the_right_per
     assert protocol.facts_copied(knowledge, self_edit(person, "qa").replace(person.name, "Zezo")) == 0.0
 
 
-@pytest.mark.parametrize("change", [{"kind": "poem"}, {"rounds": -1}, {"inner_lr": 0.0}, {"test_passages": 0}])
+@pytest.mark.parametrize("change", [{"kind": "poem"}, {"keep": "all"}, {"rounds": -1}, {"inner_lr": 0.0},
+                                    {"test_passages": 0}])
 def test_bad_settings_are_refused(change):
     with pytest.raises(ValueError):
         protocol.SealProtocolSettings(base="b", **change)
 
 
-def test_rest_em_keeps_only_self_edits_that_beat_the_passage_alone(monkeypatch):
-    """Reward = exact match after passage + self-edit > after the passage alone; the writer trains on the kept."""
-    settings = protocol.SealProtocolSettings(base="b", candidates=3, rounds=1)
+@pytest.mark.parametrize("keep, kept", [("improving", ["good one", "good two"]), ("best", ["good two"])])
+def test_rest_em_keeps_only_self_edits_that_beat_the_passage_alone(monkeypatch, keep, kept):
+    """Reward = exact match after passage + self-edit > after the passage alone; the writer trains on the kept
+    (``best``: only the best of a passage's candidates)."""
+    settings = protocol.SealProtocolSettings(base="b", candidates=3, rounds=1, keep=keep)
     passages = [Knowledge(f"P{i} lives in Oakvale.", (("Where does P live?", "Oakvale"),)) for i in range(2)]
     edits = [["good one", "bad", "good two"], ["bad", "bad", "bad"]]
     monkeypatch.setattr(protocol, "write", lambda *args, **kwargs: edits)
@@ -82,17 +85,18 @@ def test_rest_em_keeps_only_self_edits_that_beat_the_passage_alone(monkeypatch):
 
         def exact_match(self, knowledge, examples, seed):
             text = examples[-1].output
-            return 1.0 if "good" in text else 0.5 if len(examples) == 1 else 0.2  # passage alone: 0.5
+            if len(examples) == 1:
+                return 0.5  # the passage alone
+            return 1.0 if "two" in text else 0.8 if "good" in text else 0.2
 
     trained = {}
     monkeypatch.setattr(protocol, "finetune", lambda lm, data, examples, steps, *a: trained.update(
         examples=examples, steps=steps))
     record = protocol.rest_em_round(object(), Student(), passages, settings, 0)
-    assert record["sampled"] == 6 and record["kept"] == 2
-    assert [(e.input, e.output) for e in trained["examples"]] == [(passages[0].passage, "good one"),
-                                                                 (passages[0].passage, "good two")]
+    assert record["sampled"] == 6 and record["kept"] == len(kept)
+    assert [(e.input, e.output) for e in trained["examples"]] == [(passages[0].passage, text) for text in kept]
     assert trained["steps"] == settings.writer_steps
-    assert record["mean_gain_over_passage"] == pytest.approx((0.5 + 0.5 - 0.3 * 4) / 6)
+    assert record["mean_gain_over_passage"] == pytest.approx((0.3 + 0.5 - 0.3 * 4) / 6)
 
 
 def test_the_student_is_reset_after_every_update_and_the_instruct_model_untouched(base):

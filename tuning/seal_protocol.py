@@ -51,6 +51,9 @@ from tuning.space import check_minimums
 from tuning.trial import SEED_TARGETS
 
 
+KEEP_RULES = ("improving", "best")
+
+
 @dataclass
 class SealProtocolSettings:
     """The protocol's model, data split and budgets (the defaults are ``bench/tuning.py --seal-protocol``'s)."""
@@ -89,6 +92,9 @@ class SealProtocolSettings:
     """ReST-EM rounds of the writer."""
     candidates: int = 4
     """Self-edits sampled per training passage and round."""
+    keep: str = "improving"
+    """Which sampled self-edits the writer trains on: ``improving``, every one whose update beats the passage alone
+    (SEAL's binary reward); ``best``, only the best of each passage's candidates, when it beats the passage alone."""
     temperature: float = 1.0
     """Sampling temperature of the ReST-EM self-edits (evaluation self-edits are greedy)."""
     writer_steps: int = 60
@@ -103,6 +109,8 @@ class SealProtocolSettings:
     def __post_init__(self) -> None:
         if self.kind not in WRITE:
             raise ValueError(f"kind must be one of {tuple(WRITE)}, got {self.kind!r}")
+        if self.keep not in KEEP_RULES:
+            raise ValueError(f"keep must be one of {KEEP_RULES}, got {self.keep!r}")
         check_minimums(self, {"training_people": 4, "rest_em_passages": 1, "val_passages": 1, "test_passages": 1,
                               "writing_drills": 0, "instruct_steps": 0, "batch_size": 1, "lora_r": 1,
                               "inner_steps": 1, "rounds": 0, "candidates": 1, "writer_steps": 1,
@@ -198,11 +206,13 @@ def rest_em_round(writer: nn.Module, student: Student, passages: list[Knowledge]
     kept, rewards = [], []
     for i, (knowledge, texts) in enumerate(zip(passages, edits)):
         alone = student.exact_match(knowledge, update_examples(knowledge.passage, None, settings.kind), seed + i)
-        for text in texts:
-            score = student.exact_match(knowledge, update_examples(knowledge.passage, text, settings.kind), seed + i)
-            rewards.append(score - alone)
-            if score > alone:
-                kept.append(Example(WRITE[settings.kind], knowledge.passage, text))
+        scores = [student.exact_match(knowledge, update_examples(knowledge.passage, text, settings.kind), seed + i)
+                  for text in texts]
+        rewards += [score - alone for score in scores]
+        improving = [(score, text) for score, text in zip(scores, texts) if score > alone]
+        if settings.keep == "best" and improving:
+            improving = [max(improving, key=lambda pair: pair[0])]
+        kept += [Example(WRITE[settings.kind], knowledge.passage, text) for _, text in improving]
     finetune(writer, student.data, kept, settings.writer_steps if kept else 0, settings.writer_lr,
              settings.batch_size, seed)
     return {"round": round_index, "sampled": len(rewards), "kept": len(kept),
