@@ -50,7 +50,6 @@ from tuning.seal import RECALL, edit_examples, restore, trainable_state
 from tuning.space import check_minimums
 from tuning.trial import SEED_TARGETS
 
-
 KEEP_RULES = ("improving", "best")
 
 
