@@ -57,11 +57,13 @@ def test_chance_is_one_over_the_values_of_each_attribute():
 def test_facts_copied_counts_the_answers_a_self_edit_carries_about_the_right_person():
     person = generate_people(1, seed=2)[0]
     knowledge = Knowledge(person.passage, tuple(person.questions()))
-    assert protocol.facts_copied(knowledge, self_edit(person, "implications")) == 1.0
-    assert protocol.facts_copied(knowledge, self_edit(person, "qa")) == 1.0
+    whole = {"name": 1.0, "answers": 1.0}
+    assert protocol.facts_copied(knowledge, self_edit(person, "implications")) == whole
+    assert protocol.facts_copied(knowledge, self_edit(person, "qa")) == whole
     city = person.facts[0][1]
-    assert protocol.facts_copied(knowledge, f"{person.name} lives in {city}.") == pytest.approx(1 / 5)
-    assert protocol.facts_copied(knowledge, self_edit(person, "qa").replace(person.name, "Zezo")) == 0.0
+    assert protocol.facts_copied(knowledge, f"{person.name} lives in {city}.") == {"name": 1.0, "answers": 0.2}
+    renamed = self_edit(person, "qa").replace(person.name, "Zezo")
+    assert protocol.facts_copied(knowledge, renamed) == {"name": 0.0, "answers": 1.0}
 
 
 @pytest.mark.parametrize("change", [{"kind": "poem"}, {"keep": "all"}, {"rounds": -1}, {"inner_lr": 0.0},

@@ -59,8 +59,8 @@ class SealProtocolSettings:
 
     base: str
     """Folder of the pretrained base (``save_pretrained``: model + tokenizer)."""
-    kind: str = "implications"
-    """Self-edit kind the writer is asked for (SEAL's default prompt asks for implications)."""
+    kind: str = "qa"
+    """Self-edit kind the writer is asked for (``qa``: chosen on validation over SEAL's ``implications``)."""
     training_people: int = 80
     """People whose facts the instruction tuning teaches (every question type and writing task)."""
     rest_em_passages: int = 32
@@ -100,8 +100,8 @@ class SealProtocolSettings:
     """Full-weight AdamW steps of the writer on the kept self-edits per round."""
     writer_lr: float = 5e-4
     """Learning rate of the writer's fine-tuning."""
-    max_new_tokens: int = 96
-    """Longest self-edit."""
+    max_new_tokens: int = 160
+    """Longest self-edit (five question-answer pairs take about 130 tokens of the small base's tokenizer)."""
     seed: int = 0
     """Seed of the world (which people are where), the updates and the sampling."""
 
@@ -218,14 +218,13 @@ def rest_em_round(writer: nn.Module, student: Student, passages: list[Knowledge]
             "mean_gain_over_passage": statistics.mean(rewards), "example_kept": kept[0].output if kept else None}
 
 
-def facts_copied(knowledge: Knowledge, text: str) -> float:
-    """Share of the passage's facts that a self-edit carries: its person's name and each answer as a word (0 when the
-    name is missing: facts about someone else teach the student nothing about this person)."""
+def facts_copied(knowledge: Knowledge, text: str) -> dict[str, float]:
+    """What a self-edit carries of its passage: ``name`` (1.0 when the person's name is one of its words) and
+    ``answers`` (the share of the passage's answers that are words of it, whoever they are attributed to)."""
     name = re.match(r"[A-Za-z]+", knowledge.passage).group()  # every passage sentence starts with the name
     words = set(re.findall(r"[A-Za-z]+", text))
-    if name not in words:
-        return 0.0
-    return statistics.mean(answer in words for _, answer in knowledge.questions)
+    return {"name": float(name in words),
+            "answers": statistics.mean(answer in words for _, answer in knowledge.questions)}
 
 
 def evaluate(student: Student, writers: dict[str, nn.Module], passages: list[Knowledge],
@@ -243,8 +242,9 @@ def evaluate(student: Student, writers: dict[str, nn.Module], passages: list[Kno
             examples = update_examples(knowledge.passage, edits[name][i][0], settings.kind)
             scores[name].append(student.exact_match(knowledge, examples, seed))
     return {"exact_match": {name: statistics.mean(values) for name, values in scores.items()},
-            "facts_copied": {name: statistics.mean(facts_copied(k, e[0]) for k, e in zip(passages, edits[name]))
-                             for name in writers},
+            "facts_copied": {name: {part: statistics.mean(facts_copied(k, e[0])[part]
+                                                          for k, e in zip(passages, edits[name]))
+                                    for part in ("name", "answers")} for name in writers},
             "example_edits": {name: {"passage": passages[0].passage, "self_edit": e[0][0]}
                               for name, e in edits.items()}}
 
