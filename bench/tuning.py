@@ -135,13 +135,27 @@ def run_seal_protocol(base: str, seeds: list[int], jobs: int, threads: int, opti
     return {"base": base, "seeds": seeds, "chance": runs[0]["chance"], "summary": summary, "runs": runs}
 
 
-def previous_part(out: Path, key: str) -> dict:
-    """A part of the results file that this invocation does not rerun."""
+def previous_part(out: Path, key: str) -> dict | None:
+    """A part of the results file that this invocation does not rerun (``None``: there is none; its figures print
+    as nan)."""
     path = out / "tuning.json"
     result = json.loads(path.read_text()) if path.exists() else {}
-    if key not in result:
-        sys.exit(f"Error: --parts: {path} has no {key!r} results to keep; run that part too")
-    return result[key]
+    if result.get(key) is None:
+        print(f"note: {path} has no {key!r} results to keep; their figures print as nan", file=sys.stderr)
+    return result.get(key)
+
+
+def last_line(studies: dict | None, seal: dict | None) -> str:
+    """The benchmark's last line (nan for a part that neither ran nor was kept)."""
+    nan = float("nan")
+    best = studies["best_val_loss"] if studies else dict.fromkeys(SETTINGS, nan)
+    test = seal["summary"]["test"] if seal else {c: {"mean": nan} for c in SEAL_CONDITIONS}
+    return (f"tuning: agentic={best['agentic']:.4f} tpe={best['tpe']:.4f} random={best['random']:.4f} "
+            f"trials={studies['trials'] if studies else 'nan'} tpe_from_default={best['tpe_from_default']:.4f} "
+            f"random_from_default={best['random_from_default']:.4f} "
+            f"agentic_from_sampled={best['agentic_from_sampled']:.4f} seal_passage={test['passage']['mean']:.3f} "
+            f"seal_base_edit={test['base_self_edit']['mean']:.3f} seal_writer={test['rest_em_self_edit']['mean']:.3f} "
+            f"seal_chance={seal['chance'] if seal else nan:.3f}")
 
 
 def main_bench() -> None:
@@ -180,19 +194,13 @@ def main_bench() -> None:
     tmp = out / "tuning.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / "tuning.json")
-    best, seconds = studies["best_val_loss"], studies["seconds"]
-    for method in best:
-        print(f"{method:20s} best val loss {best[method]:.4f}  wall time {seconds[method]:.1f}s")
-    test = seal["summary"]["test"]
-    for condition, label in SEAL_CONDITIONS.items():
-        print(f"SEAL {label:34s} test exact match {test[condition]['mean']:.3f} "
-              f"({test[condition]['min']:.3f}-{test[condition]['max']:.3f})")
-    print(f"tuning: agentic={best['agentic']:.4f} tpe={best['tpe']:.4f} random={best['random']:.4f} "
-          f"trials={studies['trials']} tpe_from_default={best['tpe_from_default']:.4f} "
-          f"random_from_default={best['random_from_default']:.4f} "
-          f"agentic_from_sampled={best['agentic_from_sampled']:.4f} seal_passage={test['passage']['mean']:.3f} "
-          f"seal_base_edit={test['base_self_edit']['mean']:.3f} seal_writer={test['rest_em_self_edit']['mean']:.3f} "
-          f"seal_chance={seal['chance']:.3f}")
+    for method in studies["best_val_loss"] if studies else []:
+        print(f"{method:20s} best val loss {studies['best_val_loss'][method]:.4f}  "
+              f"wall time {studies['seconds'][method]:.1f}s")
+    for condition, label in SEAL_CONDITIONS.items() if seal else []:
+        figures = seal["summary"]["test"][condition]
+        print(f"SEAL {label:34s} test exact match {figures['mean']:.3f} ({figures['min']:.3f}-{figures['max']:.3f})")
+    print(last_line(studies, seal))
 
 
 if __name__ == "__main__":

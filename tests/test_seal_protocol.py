@@ -137,11 +137,17 @@ def test_the_protocol_scores_every_condition_on_held_out_passages(base):
     assert val_passage != test_passage
 
 
-def test_the_benchmark_casts_seal_options_to_their_fields_and_refuses_unknown_ones():
-    sys.path.insert(0, str(REPO / "bench"))  # bench/tuning.py imports its neighbour cli_runs
+@pytest.fixture(scope="module")
+def bench():
+    """bench/tuning.py, loaded by path (the name ``tuning`` is the package)."""
+    sys.path.insert(0, str(REPO / "bench"))  # it imports its neighbour cli_runs
     spec = importlib.util.spec_from_file_location("bench_tuning", REPO / "bench/tuning.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # by path: the name ``tuning`` is the package
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_casts_seal_options_to_their_fields_and_refuses_unknown_ones(bench):
 
     assert bench.seal_options(["kind=qa", "instruct_steps=1500", "recall_training_passages=true",
                                "inner_lr=0.01"]) == {"kind": "qa", "instruct_steps": 1500,
@@ -149,3 +155,12 @@ def test_the_benchmark_casts_seal_options_to_their_fields_and_refuses_unknown_on
     for bad in (["colour=red"], ["kind"], ["seed=3"], ["instruct_steps=many"]):
         with pytest.raises(ValueError):
             bench.seal_options(bad)
+
+
+def test_the_last_line_prints_nan_for_a_part_that_is_missing(bench, tmp_path):
+    summary = {"test": {c: {"mean": 0.25 + 0.125 * i} for i, c in enumerate(bench.SEAL_CONDITIONS)}}
+    seal = {"summary": summary, "chance": 0.125}
+    line = bench.last_line(None, seal)
+    assert line.startswith("tuning: agentic=nan tpe=nan random=nan trials=nan")
+    assert line.endswith("seal_passage=0.375 seal_base_edit=0.500 seal_writer=0.625 seal_chance=0.125")
+    assert bench.previous_part(tmp_path, "studies") is None  # no results file: nothing to keep, no exit
