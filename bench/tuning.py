@@ -44,7 +44,15 @@ import optuna
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cli_runs import MissingBase, add_wandb_option, in_processes, provenance, resolve_base, start_wandb, tune_overrides  # noqa: E402
+from cli_runs import (  # noqa: E402
+    MissingBase,
+    add_wandb_option,
+    in_processes,
+    provenance,
+    resolve_base,
+    start_wandb,
+    tune_overrides,
+)
 
 from experiment.cli import main  # noqa: E402
 
@@ -100,6 +108,9 @@ def run_studies(trials: int, seeds: list[int], seal: bool) -> dict:
     return {"trials": trials, "seeds": seeds, "seal": seal, "best_val_loss": best, "seconds": seconds, "runs": runs}
 
 
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def seal_options(pairs: list[str]) -> dict:
     """``--seal-option name=value`` pairs as ``SealProtocolSettings`` fields, each value cast to its field's type."""
     from tuning.seal_protocol import SealProtocolSettings
@@ -112,7 +123,9 @@ def seal_options(pairs: list[str]) -> dict:
             raise ValueError(f"--seal-option: expected name=value with a SealProtocolSettings field other than base "
                              f"and seed, got {pair!r}")
         kind = type(getattr(defaults, name))
-        options[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        if kind is bool and value.lower() not in BOOLEANS:
+            raise ValueError(f"--seal-option {name}: expected one of {sorted(BOOLEANS)}, got {value!r}")
+        options[name] = BOOLEANS[value.lower()] if kind is bool else kind(value)
     return options
 
 

@@ -152,7 +152,8 @@ def test_the_benchmark_casts_seal_options_to_their_fields_and_refuses_unknown_on
     assert bench.seal_options(["kind=qa", "instruct_steps=1500", "recall_training_passages=true",
                                "inner_lr=0.01"]) == {"kind": "qa", "instruct_steps": 1500,
                                                      "recall_training_passages": True, "inner_lr": 0.01}
-    for bad in (["colour=red"], ["kind"], ["seed=3"], ["instruct_steps=many"]):
+    assert bench.seal_options(["recall_training_passages=no"]) == {"recall_training_passages": False}
+    for bad in (["colour=red"], ["kind"], ["seed=3"], ["instruct_steps=many"], ["recall_training_passages=flase"]):
         with pytest.raises(ValueError):
             bench.seal_options(bad)
 

@@ -55,7 +55,7 @@ KEEP_RULES = ("improving", "best")
 
 @dataclass
 class SealProtocolSettings:
-    """The protocol's model, data split and budgets (the defaults are ``bench/tuning.py --seal-protocol``'s)."""
+    """The protocol's model, data split and budgets (the defaults are what ``bench/tuning.py --parts seal`` runs)."""
 
     base: str
     """Folder of the pretrained base (``save_pretrained``: model + tokenizer)."""
